@@ -1,0 +1,11 @@
+//! walpush: tails PostgreSQL logical replication and pushes outbox rows to devices.
+
+pub mod batch;
+pub mod channels;
+pub mod cluster;
+pub mod config;
+pub mod ledger;
+pub mod lsn;
+pub mod outbox;
+pub mod retry;
+pub mod source;
