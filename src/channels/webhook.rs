@@ -55,19 +55,20 @@ impl Webhook {
             }
         }
 
-        // One request per chunk of `max_events` events to the same URL, all chunks at once
-        // within the channel's concurrency limit.
-        let requests = by_url.into_iter().flat_map(|(url, events)| {
-            let chunks: Vec<Vec<(usize, String)>> =
-                events.chunks(self.max_events).map(<[_]>::to_vec).collect();
-            chunks.into_iter().map(move |chunk| async move {
-                let outcome = self.post(url, jobs, &chunk).await;
-                (chunk, outcome)
-            })
+        // One request per chunk of `max_events` events. Chunks to one URL go one after the
+        // other, so a device receives its deliveries in commit order; URLs go at once, within
+        // the channel's concurrency limit.
+        let per_url = by_url.into_iter().map(|(url, events)| async move {
+            let mut results = Vec::with_capacity(events.len());
+            for chunk in events.chunks(self.max_events) {
+                let outcome = self.post(url, jobs, chunk).await;
+                results.extend(chunk.iter().map(|(index, _)| (*index, outcome.clone())));
+            }
+            results
         });
-        for (chunk, outcome) in futures_util::future::join_all(requests).await {
-            for (index, _) in chunk {
-                outcomes[index] = Some(outcome.clone());
+        for results in futures_util::future::join_all(per_url).await {
+            for (index, outcome) in results {
+                outcomes[index] = Some(outcome);
             }
         }
         outcomes
