@@ -32,6 +32,17 @@ pub enum SourceError {
     /// The stream carried a message that does not decode.
     #[error("pgoutput")]
     Decode(#[from] pgoutput::DecodeError),
+    /// The slot exists but was made for another database.
+    #[error(
+        "replication slot {slot} belongs to database {database}: slot names are cluster-wide, \
+         so set slot to a name no other database uses"
+    )]
+    SlotElsewhere {
+        /// The slot name.
+        slot: String,
+        /// The database it was created in.
+        database: String,
+    },
     /// The database URL cannot be used for replication.
     #[error("database url: {0}")]
     Url(String),
@@ -40,7 +51,10 @@ pub enum SourceError {
 impl SourceError {
     /// Whether reconnecting cannot help.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, SourceError::WalLevel(_) | SourceError::Url(_))
+        matches!(
+            self,
+            SourceError::WalLevel(_) | SourceError::Url(_) | SourceError::SlotElsewhere { .. }
+        )
     }
 }
 
@@ -79,8 +93,14 @@ pub async fn ensure_publication(client: &Client, publication: &str) -> Result<bo
 
 /// Creates the pgoutput slot unless it exists. Returns whether it was created.
 pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool, SourceError> {
-    if slot_state(client, slot).await?.is_some() {
-        return Ok(false);
+    if let Some(state) = slot_state(client, slot).await? {
+        let here: String = client.query_one("SELECT current_database()", &[]).await?.get(0);
+        return match state.database {
+            Some(database) if database != here => {
+                Err(SourceError::SlotElsewhere { slot: slot.to_owned(), database })
+            }
+            _ => Ok(false),
+        };
     }
     let created = client
         .query_one(
@@ -115,6 +135,8 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
     /// `pg_current_wal_lsn() - confirmed_flush_lsn`
     pub lag_bytes: Option<i64>,
+    /// The database the slot decodes.
+    pub database: Option<String>,
 }
 
 /// Reads a slot's state; `None` when it does not exist.
@@ -122,7 +144,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn, active_pid, \
-             (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+             (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, database::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -131,6 +153,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         confirmed_flush: r.get::<_, Option<PgLsn>>(0).map(Lsn::from),
         active_pid: r.get(1),
         lag_bytes: r.get(2),
+        database: r.get(3),
     }))
 }
 
