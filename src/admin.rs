@@ -37,7 +37,10 @@ pub struct Status {
 pub async fn status(client: &Client, slot: &str) -> Result<Status, source::SourceError> {
     let state = source::slot_state(client, slot).await?;
     let ledger_lsn = client
-        .query_opt("SELECT lsn FROM walpush.positions WHERE slot = $1", &[&slot])
+        .query_opt(
+            "SELECT lsn FROM walpush.positions WHERE slot = $1",
+            &[&slot],
+        )
         .await?
         .map(|r| Lsn::from(r.get::<_, PgLsn>(0)).to_string());
     let mut deliveries: BTreeMap<String, i64> =

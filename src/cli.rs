@@ -136,7 +136,9 @@ impl From<source::SourceError> for CliError {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Demo = cli.command {
-        return crate::demo::run().await.map_err(|e| CliError::Failed(format!("demo: {e:#}")));
+        return crate::demo::run()
+            .await
+            .map_err(|e| CliError::Failed(format!("demo: {e:#}")));
     }
     let config = match &cli.global.config {
         Some(path) => Config::load(path)?,
@@ -157,7 +159,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 fn database_url(global: &Global, config: &Config) -> Result<String, ConfigError> {
     let candidates = [
         ("--database-url", global.database_url.clone()),
-        ("WALPUSH_DATABASE_URL", std::env::var("WALPUSH_DATABASE_URL").ok()),
+        (
+            "WALPUSH_DATABASE_URL",
+            std::env::var("WALPUSH_DATABASE_URL").ok(),
+        ),
         ("DATABASE_URL", std::env::var("DATABASE_URL").ok()),
         ("database_url", config.database_url.clone()),
     ];
@@ -176,7 +181,10 @@ fn database_url(global: &Global, config: &Config) -> Result<String, ConfigError>
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, CliError> {
     ledger::connect(url).await.map_err(|err| {
-        CliError::Failed(format!("cannot connect to PostgreSQL: {}", error_chain(&err)))
+        CliError::Failed(format!(
+            "cannot connect to PostgreSQL: {}",
+            error_chain(&err)
+        ))
     })
 }
 
@@ -223,7 +231,11 @@ async fn run_engine(url: String, config: Config) -> Result<(), CliError> {
         Ok(listener) => {
             let addr = listener.local_addr().ok();
             tracing::info!(listen = ?addr, "http endpoint listening");
-            Some(tokio::spawn(crate::http::serve(listener, metrics.clone(), stop_rx.clone())))
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                metrics.clone(),
+                stop_rx.clone(),
+            )))
         }
         Err(err) if config.http.explicit => {
             return Err(CliError::Failed(format!(
@@ -248,9 +260,10 @@ async fn run_engine(url: String, config: Config) -> Result<(), CliError> {
 /// Turns SIGINT and SIGTERM into the shutdown signal.
 pub async fn forward_signals(stop: watch::Sender<bool>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -270,10 +283,20 @@ async fn status(url: &str, config: &Config, json: bool) -> Result<(), CliError> 
         return Ok(());
     }
     let none = || "-".to_owned();
-    println!("slot:          {}{}", status.slot, if status.slot_exists { "" } else { " (missing)" });
+    println!(
+        "slot:          {}{}",
+        status.slot,
+        if status.slot_exists { "" } else { " (missing)" }
+    );
     println!("active:        {}", status.active);
-    println!("confirmed_lsn: {}", status.confirmed_lsn.clone().unwrap_or_else(none));
-    println!("ledger_lsn:    {}", status.ledger_lsn.clone().unwrap_or_else(none));
+    println!(
+        "confirmed_lsn: {}",
+        status.confirmed_lsn.clone().unwrap_or_else(none)
+    );
+    println!(
+        "ledger_lsn:    {}",
+        status.ledger_lsn.clone().unwrap_or_else(none)
+    );
     println!(
         "lag_bytes:     {}",
         status.lag_bytes.map_or_else(none, |l| l.to_string())
@@ -369,7 +392,10 @@ async fn replay(url: &str, config: &Config, args: ReplayArgs) -> Result<(), CliE
         println!("{out}");
     } else {
         let parts: Vec<String> = counts.iter().map(|(s, c)| format!("{s}={c}")).collect();
-        println!("replayed {total} deliveries ({from} to {to}): {}", parts.join(" "));
+        println!(
+            "replayed {total} deliveries ({from} to {to}): {}",
+            parts.join(" ")
+        );
     }
     Ok(())
 }
@@ -377,7 +403,11 @@ async fn replay(url: &str, config: &Config, args: ReplayArgs) -> Result<(), CliE
 async fn dead(url: &str, command: DeadCommand) -> Result<(), CliError> {
     let client = connect(url).await?;
     match command {
-        DeadCommand::List { outbox_id, limit, json } => {
+        DeadCommand::List {
+            outbox_id,
+            limit,
+            json,
+        } => {
             let rows = admin::dead_list(&client, outbox_id, limit.max(0)).await?;
             if json {
                 let out = serde_json::json!({ "dead": rows });

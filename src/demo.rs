@@ -41,7 +41,10 @@ pub async fn run() -> anyhow::Result<()> {
     cluster.stop().await.ok();
     drop(cluster);
     result?;
-    println!("cluster stopped and removed; demo took {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "cluster stopped and removed; demo took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -62,7 +65,12 @@ async fn demo(cluster: &Cluster) -> anyhow::Result<()> {
         .with_state(received.clone());
     let receiver = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let devices = [("alice", "phone"), ("alice", "laptop"), ("bob", "phone"), ("carol", "tablet")];
+    let devices = [
+        ("alice", "phone"),
+        ("alice", "laptop"),
+        ("bob", "phone"),
+        ("carol", "tablet"),
+    ];
     for (recipient, device) in devices {
         client
             .execute(
@@ -73,7 +81,10 @@ async fn demo(cluster: &Cluster) -> anyhow::Result<()> {
     }
 
     let config = Config {
-        batch: crate::config::BatchConfig { max_rows: 1000, max_wait_ms: 5 },
+        batch: crate::config::BatchConfig {
+            max_rows: 1000,
+            max_wait_ms: 5,
+        },
         channels: vec![ChannelConfig {
             name: "hooks".to_owned(),
             kind: ChannelKind::Webhook(WebhookConfig {
@@ -157,24 +168,38 @@ async fn demo(cluster: &Cluster) -> anyhow::Result<()> {
     receiver.abort();
 
     let status = admin::status(&client, "walpush").await?;
-    let received = received.lock().map_err(|_| anyhow::anyhow!("receiver poisoned"))?;
+    let received = received
+        .lock()
+        .map_err(|_| anyhow::anyhow!("receiver poisoned"))?;
     let mut latencies: Vec<Duration> = received
         .first
         .iter()
-        .filter_map(|((id, _), at)| committed_at.get(id).map(|c| at.saturating_duration_since(*c)))
+        .filter_map(|((id, _), at)| {
+            committed_at
+                .get(id)
+                .map(|c| at.saturating_duration_since(*c))
+        })
         .collect();
     latencies.sort();
     let pct = |p: f64| {
         let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        latencies
+            .get(index)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     let leaked = received.first.keys().any(|(id, _)| *id == rolled_back);
 
     println!();
     println!("report");
     println!("  outbox rows committed:     {}", committed_at.len());
-    println!("  rolled-back row delivered: {}", if leaked { "YES (bug)" } else { "no" });
-    println!("  webhook requests received: {} ({} rejected)", received.requests, received.rejected);
+    println!(
+        "  rolled-back row delivered: {}",
+        if leaked { "YES (bug)" } else { "no" }
+    );
+    println!(
+        "  webhook requests received: {} ({} rejected)",
+        received.requests, received.rejected
+    );
     println!("  distinct deliveries:       {}", received.first.len());
     let by_status: Vec<String> = status
         .deliveries
@@ -185,7 +210,10 @@ async fn demo(cluster: &Cluster) -> anyhow::Result<()> {
     println!("  ledger by status:          {}", by_status.join(" "));
     println!("  commit-to-receipt p50:     {:.1} ms", pct(0.5));
     println!("  commit-to-receipt p99:     {:.1} ms", pct(0.99));
-    println!("  slot confirmed at:         {}", status.confirmed_lsn.unwrap_or_default());
+    println!(
+        "  slot confirmed at:         {}",
+        status.confirmed_lsn.unwrap_or_default()
+    );
     if leaked || received.rejected > 0 || (received.first.len() as i64) < expected {
         bail!("the demo did not deliver as expected");
     }
@@ -199,14 +227,21 @@ async fn receive(
     body: Bytes,
 ) -> StatusCode {
     let now = Instant::now();
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
     let verified = match (
         webhook::secret_key(SECRET),
         header("webhook-timestamp").parse::<u64>(),
     ) {
         (Some(key), Ok(timestamp)) => {
             let expected = webhook::sign(&key, header("webhook-id"), timestamp, &body);
-            header("webhook-signature").split(' ').any(|sig| sig == expected)
+            header("webhook-signature")
+                .split(' ')
+                .any(|sig| sig == expected)
         }
         _ => false,
     };

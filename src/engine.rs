@@ -342,10 +342,12 @@ impl Processor {
             let devices = self.ledger.devices(&recipients).await?;
             let plan = batch::plan(&rows, &devices, |name| self.registry.get(name).is_some());
             for record in &plan.settled {
-                self.metrics.delivered(&record.channel, record.status.as_str());
+                self.metrics
+                    .delivered(&record.channel, record.status.as_str());
             }
             records = plan.settled;
-            let outcomes = channels::dispatch(&self.registry, &plan.channels, plan.jobs.clone()).await;
+            let outcomes =
+                channels::dispatch(&self.registry, &plan.channels, plan.jobs.clone()).await;
             let now = Utc::now();
             for ((job, channel), outcome) in plan.jobs.iter().zip(plan.channels).zip(outcomes) {
                 let record = self.settle(job, channel, 0, outcome, now, &mut gone);
@@ -353,11 +355,19 @@ impl Processor {
             }
         }
         if !records.is_empty() || batch.confirm.is_some() {
-            self.ledger.commit_batch(&records, &gone, batch.confirm).await?;
+            self.ledger
+                .commit_batch(&records, &gone, batch.confirm)
+                .await?;
         }
         self.metrics.batch_rows.observe(rows.len() as f64);
-        self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-        tracing::debug!(rows = rows.len(), deliveries = records.len(), "batch recorded");
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            rows = rows.len(),
+            deliveries = records.len(),
+            "batch recorded"
+        );
         Ok(())
     }
 
@@ -370,7 +380,16 @@ impl Processor {
         now: chrono::DateTime<Utc>,
         gone: &mut Vec<(i64, String)>,
     ) -> Record {
-        settle(&self.policy, &self.metrics, job, channel, previous_attempts, outcome, now, gone)
+        settle(
+            &self.policy,
+            &self.metrics,
+            job,
+            channel,
+            previous_attempts,
+            outcome,
+            now,
+            gone,
+        )
     }
 }
 
@@ -409,7 +428,15 @@ fn settle(
         );
     }
     metrics.delivered(&channel, verdict.status.as_str());
-    Record::attempted(job.row.id, job.device_id, channel, job.row.commit_lsn, attempts, verdict, now)
+    Record::attempted(
+        job.row.id,
+        job.device_id,
+        channel,
+        job.row.commit_lsn,
+        attempts,
+        verdict,
+        now,
+    )
 }
 
 /// Attempts deliveries taken again from the ledger (by the scheduler or by replay).
@@ -466,8 +493,11 @@ pub async fn resend(
         }
     }
     let outcomes = channels::dispatch(registry, &names, jobs.clone()).await;
-    for (((job, channel), outcome), attempts) in jobs.iter().zip(names).zip(outcomes).zip(previous) {
-        records.push(settle(policy, metrics, job, channel, attempts, outcome, now, &mut gone));
+    for (((job, channel), outcome), attempts) in jobs.iter().zip(names).zip(outcomes).zip(previous)
+    {
+        records.push(settle(
+            policy, metrics, job, channel, attempts, outcome, now, &mut gone,
+        ));
     }
     (records, gone)
 }

@@ -1,18 +1,18 @@
 //! walpush: tails PostgreSQL logical replication and pushes outbox rows to devices.
 
+pub mod admin;
 pub mod batch;
 pub mod channels;
+pub mod cli;
 pub mod cluster;
 pub mod config;
-pub mod ledger;
-pub mod lsn;
-pub mod outbox;
-pub mod retry;
-pub mod source;
+pub mod demo;
 pub mod engine;
 pub mod http;
+pub mod ledger;
+pub mod lsn;
 pub mod metrics;
+pub mod outbox;
+pub mod retry;
 pub mod schema;
-pub mod admin;
-pub mod cli;
-pub mod demo;
+pub mod source;

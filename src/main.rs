@@ -8,7 +8,10 @@ fn main() {
     // The demo prints a report; its logs would only get in the way.
     let quiet = std::env::args().nth(1).is_some_and(|a| a == "demo");
     init_logs(if quiet { "warn" } else { "info" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("walpush: cannot start the runtime: {err}");

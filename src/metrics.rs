@@ -122,7 +122,10 @@ mod tests {
         m.delivered("hooks", "sent");
         m.lag_bytes.set(42);
         let text = m.render();
-        assert!(text.contains(r#"walpush_deliveries_total{channel="hooks",status="sent"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"walpush_deliveries_total{channel="hooks",status="sent"} 2"#),
+            "{text}"
+        );
         assert!(text.contains("walpush_replication_lag_bytes 42"), "{text}");
     }
 }

@@ -129,7 +129,11 @@ impl Registry {
 
 /// Sends jobs grouped by channel, all channels at once; outcomes come back in job order.
 /// Jobs for a channel that is not configured are dead.
-pub async fn dispatch(registry: &Registry, channel_of: &[Arc<str>], jobs: Vec<Job>) -> Vec<Outcome> {
+pub async fn dispatch(
+    registry: &Registry,
+    channel_of: &[Arc<str>],
+    jobs: Vec<Job>,
+) -> Vec<Outcome> {
     let mut groups: HashMap<&str, (Vec<usize>, Vec<Job>)> = HashMap::new();
     for (index, job) in jobs.into_iter().enumerate() {
         let entry = groups.entry(&channel_of[index]).or_default();
@@ -137,13 +141,15 @@ pub async fn dispatch(registry: &Registry, channel_of: &[Arc<str>], jobs: Vec<Jo
         entry.1.push(job);
     }
     let mut outcomes = vec![None; channel_of.len()];
-    let sends = groups.into_iter().map(|(name, (indexes, jobs))| async move {
-        let results = match registry.get(name) {
-            Some(channel) => channel.send(&jobs).await,
-            None => jobs.iter().map(|_| no_such_channel(name)).collect(),
-        };
-        (indexes, results)
-    });
+    let sends = groups
+        .into_iter()
+        .map(|(name, (indexes, jobs))| async move {
+            let results = match registry.get(name) {
+                Some(channel) => channel.send(&jobs).await,
+                None => jobs.iter().map(|_| no_such_channel(name)).collect(),
+            };
+            (indexes, results)
+        });
     for (indexes, results) in futures_util::future::join_all(sends).await {
         for (index, outcome) in indexes.into_iter().zip(results) {
             outcomes[index] = Some(outcome);
@@ -192,7 +198,10 @@ pub fn http_client(
             added += 1;
         }
         if added == 0 {
-            return Err(setup(format!("ca_file {} holds no certificate", path.display())));
+            return Err(setup(format!(
+                "ca_file {} holds no certificate",
+                path.display()
+            )));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
-use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
+use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
 use crate::outbox::{OutboxLayout, OutboxRow, RowError};
@@ -72,7 +72,10 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
 /// Creates the publication on `walpush.outbox` (inserts only) unless it exists.
 pub async fn ensure_publication(client: &Client, publication: &str) -> Result<bool, SourceError> {
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some();
     if !exists {
@@ -94,11 +97,15 @@ pub async fn ensure_publication(client: &Client, publication: &str) -> Result<bo
 /// Creates the pgoutput slot unless it exists. Returns whether it was created.
 pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool, SourceError> {
     if let Some(state) = slot_state(client, slot).await? {
-        let here: String = client.query_one("SELECT current_database()", &[]).await?.get(0);
+        let here: String = client
+            .query_one("SELECT current_database()", &[])
+            .await?
+            .get(0);
         return match state.database {
-            Some(database) if database != here => {
-                Err(SourceError::SlotElsewhere { slot: slot.to_owned(), database })
-            }
+            Some(database) if database != here => Err(SourceError::SlotElsewhere {
+                slot: slot.to_owned(),
+                database,
+            }),
             _ => Ok(false),
         };
     }
@@ -317,8 +324,9 @@ fn replication_config(
     publication: &str,
     start: Lsn,
 ) -> Result<ReplicationConfig, SourceError> {
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|_| SourceError::Url("not a PostgreSQL URL".to_owned()))?;
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| SourceError::Url("not a PostgreSQL URL".to_owned()))?;
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
         Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),

@@ -39,10 +39,11 @@ fn bad_config_exits_2_and_names_the_key() {
     assert_eq!(code, 2, "no database URL anywhere: {stderr}");
     assert!(stderr.contains("database_url"), "{stderr}");
 
-    let (code, _, stderr) = output(walpush().args(["replay", "--from-lsn", "yesterday"]).env(
-        "WALPUSH_DATABASE_URL",
-        "postgres://postgres@127.0.0.1:1/x",
-    ));
+    let (code, _, stderr) = output(
+        walpush()
+            .args(["replay", "--from-lsn", "yesterday"])
+            .env("WALPUSH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/x"),
+    );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--from-lsn"), "{stderr}");
 
@@ -71,7 +72,10 @@ async fn wal_level_replica_fails_fast_and_says_how_to_fix_it() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("wal_level is replica"), "{stderr}");
     assert!(stderr.contains("wal_level = 'logical'"), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(20), "fails within seconds");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "fails within seconds"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,8 +91,10 @@ async fn migrate_is_idempotent_and_status_reports_json() {
     }
 
     let engine = Running::start(&db, "").await;
-    db.insert(&[Row::new("ida", PAYLOAD), Row::new("ida", "3")]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2).await;
+    db.insert(&[Row::new("ida", PAYLOAD), Row::new("ida", "3")])
+        .await;
+    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2)
+        .await;
     engine.stop().await;
 
     let (code, stdout, stderr) =
@@ -105,7 +111,10 @@ async fn migrate_is_idempotent_and_status_reports_json() {
     let ledger: String = db
         .client()
         .await
-        .query_one("SELECT lsn::text FROM walpush.positions WHERE slot = $1", &[&db.name])
+        .query_one(
+            "SELECT lsn::text FROM walpush.positions WHERE slot = $1",
+            &[&db.name],
+        )
         .await
         .unwrap()
         .get(0);
@@ -121,7 +130,8 @@ async fn replay_resends_unsent_deliveries_and_with_redeliver_all() {
     let b = db.add_device("jo", "hooks", &hooks.url("jo/b")).await;
     let engine = Running::start(&db, "").await;
     let ids = db.insert(&[Row::new("jo", PAYLOAD)]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2).await;
+    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2)
+        .await;
     engine.stop().await;
     assert_eq!(db.delivery(ids[0], a).await.0, "dead");
     assert_eq!(db.delivery(ids[0], b).await.0, "sent");
@@ -138,7 +148,15 @@ async fn replay_resends_unsent_deliveries_and_with_redeliver_all() {
     // Dry run: says what it would send, sends nothing, changes nothing.
     let (code, stdout, stderr) = output(
         walpush()
-            .args(["replay", "--from-lsn", &lsn, "--to-lsn", &lsn, "--dry-run", "--json"])
+            .args([
+                "replay",
+                "--from-lsn",
+                &lsn,
+                "--to-lsn",
+                &lsn,
+                "--dry-run",
+                "--json",
+            ])
             .arg("--config")
             .arg(&path),
     );
@@ -150,10 +168,16 @@ async fn replay_resends_unsent_deliveries_and_with_redeliver_all() {
 
     // Without --redeliver: only the dead one.
     let (code, _, stderr) = output(
-        walpush().args(["replay", "--from-lsn", &lsn, "--to-lsn", &lsn]).arg("--config").arg(&path),
+        walpush()
+            .args(["replay", "--from-lsn", &lsn, "--to-lsn", &lsn])
+            .arg("--config")
+            .arg(&path),
     );
     assert_eq!(code, 0, "{stderr}");
-    let paths: Vec<String> = hooks.requests()[before..].iter().map(|r| r.path.clone()).collect();
+    let paths: Vec<String> = hooks.requests()[before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
     assert_eq!(paths, vec!["jo/a"]);
     assert_eq!(db.delivery(ids[0], a).await, ("sent".to_owned(), 2, None));
 
@@ -167,10 +191,17 @@ async fn replay_resends_unsent_deliveries_and_with_redeliver_all() {
     assert_eq!(code, 0, "{stderr}");
     let requests = hooks.requests();
     assert_eq!(requests.len(), before + 3);
-    let webhook_ids: Vec<&str> = requests[before + 1..].iter().map(|r| r.webhook_id.as_str()).collect();
+    let webhook_ids: Vec<&str> = requests[before + 1..]
+        .iter()
+        .map(|r| r.webhook_id.as_str())
+        .collect();
     assert!(webhook_ids.contains(&format!("msg_{}_{a}", ids[0]).as_str()));
     assert!(webhook_ids.contains(&format!("msg_{}_{b}", ids[0]).as_str()));
-    assert_eq!(db.count("SELECT count(*) FROM walpush.deliveries").await, 2, "no new rows");
+    assert_eq!(
+        db.count("SELECT count(*) FROM walpush.deliveries").await,
+        2,
+        "no new rows"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +212,11 @@ async fn dead_deliveries_are_listed_and_requeued() {
     let device = db.add_device("kim", "hooks", &hooks.url("kim")).await;
     let engine = Running::start(&db, "").await;
     let ids = db.insert(&[Row::new("kim", PAYLOAD)]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'dead'", 1).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'dead'",
+        1,
+    )
+    .await;
 
     let (code, stdout, stderr) =
         output(walpush().args(["dead", "list", "--json", "--database-url", &db.url]));
@@ -192,13 +227,24 @@ async fn dead_deliveries_are_listed_and_requeued() {
 
     let (code, stdout, stderr) = output(
         walpush()
-            .args(["dead", "retry", "--outbox-id", &ids[0].to_string(), "--database-url", &db.url])
+            .args([
+                "dead",
+                "retry",
+                "--outbox-id",
+                &ids[0].to_string(),
+                "--database-url",
+                &db.url,
+            ])
             .stdout(Stdio::piped()),
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("requeued 1"), "{stdout}");
     // The running engine's scheduler sends it now.
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'", 1).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        1,
+    )
+    .await;
     engine.stop().await;
     assert_eq!(db.delivery(ids[0], device).await.0, "sent");
 }

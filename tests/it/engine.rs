@@ -9,12 +9,18 @@ const PAYLOAD: &str = r#"{"title": "hello", "data": {"n": 1}}"#;
 async fn committed_rows_arrive_signed_and_rolled_back_rows_never_do() {
     let db = TestDb::new().await;
     let hooks = Receiver::start(SECRET).await;
-    let phone = db.add_device("alice", "hooks", &hooks.url("alice/phone")).await;
-    let laptop = db.add_device("alice", "hooks", &hooks.url("alice/laptop")).await;
+    let phone = db
+        .add_device("alice", "hooks", &hooks.url("alice/phone"))
+        .await;
+    let laptop = db
+        .add_device("alice", "hooks", &hooks.url("alice/laptop"))
+        .await;
     db.add_device("bob", "hooks", &hooks.url("bob")).await;
     let engine = Running::start(&db, "").await;
 
-    let ids = db.insert(&[Row::new("alice", PAYLOAD), Row::new("bob", PAYLOAD)]).await;
+    let ids = db
+        .insert(&[Row::new("alice", PAYLOAD), Row::new("bob", PAYLOAD)])
+        .await;
     let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
     let rolled_back: i64 = tx
@@ -30,13 +36,20 @@ async fn committed_rows_arrive_signed_and_rolled_back_rows_never_do() {
     // A later commit proves the stream moved past the rolled-back one.
     let later = db.insert(&[Row::new("bob", PAYLOAD)]).await;
 
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'", 4).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        4,
+    )
+    .await;
     engine.stop().await;
 
     assert_eq!(hooks.rejected(), 0, "every signature verifies");
     let requests = hooks.requests();
     assert_eq!(requests.len(), 4);
-    assert!(requests.iter().all(|r| r.body["id"] != rolled_back.to_string()));
+    let rolled_back = rolled_back.to_string();
+    assert!(requests
+        .iter()
+        .all(|r| r.body["id"].as_str() != Some(rolled_back.as_str())));
     let phone_events = hooks.accepted_events("alice/phone");
     assert_eq!(phone_events.len(), 1);
     let event = &phone_events[0];
@@ -66,8 +79,11 @@ async fn committed_rows_arrive_signed_and_rolled_back_rows_never_do() {
         .get(0);
     assert_eq!(event["lsn"], lsn);
     assert_eq!(
-        db.count(&format!("SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}", later[0]))
-            .await,
+        db.count(&format!(
+            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}",
+            later[0]
+        ))
+        .await,
         1
     );
 }
@@ -86,7 +102,8 @@ async fn rows_with_one_collapse_key_in_a_batch_send_only_the_newest() {
     let other = Row::new("carol", r#"{"title": "other"}"#);
     let ids = db.insert(&[first, other, second]).await;
 
-    db.wait_count("SELECT count(*) FROM walpush.deliveries", 3).await;
+    db.wait_count("SELECT count(*) FROM walpush.deliveries", 3)
+        .await;
     engine.stop().await;
 
     let titles: Vec<String> = hooks
@@ -98,7 +115,10 @@ async fn rows_with_one_collapse_key_in_a_batch_send_only_the_newest() {
     let status: String = db
         .client()
         .await
-        .query_one("SELECT status FROM walpush.deliveries WHERE outbox_id = $1", &[&ids[0]])
+        .query_one(
+            "SELECT status FROM walpush.deliveries WHERE outbox_id = $1",
+            &[&ids[0]],
+        )
         .await
         .unwrap()
         .get(0);
@@ -113,8 +133,11 @@ async fn a_bad_payload_or_unknown_channel_is_dead_and_the_rest_goes_on() {
     let pager = db.add_device("dave", "pager", "555-0100").await;
     let engine = Running::start(&db, "").await;
 
-    let ids = db.insert(&[Row::new("dave", "[1, 2]"), Row::new("dave", PAYLOAD)]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries", 4).await;
+    let ids = db
+        .insert(&[Row::new("dave", "[1, 2]"), Row::new("dave", PAYLOAD)])
+        .await;
+    db.wait_count("SELECT count(*) FROM walpush.deliveries", 4)
+        .await;
     engine.stop().await;
 
     let (status, _, reason) = db.delivery(ids[0], hook).await;
@@ -122,7 +145,10 @@ async fn a_bad_payload_or_unknown_channel_is_dead_and_the_rest_goes_on() {
     assert_eq!(reason.as_deref(), Some("payload is not a JSON object"));
     let (status, _, reason) = db.delivery(ids[1], pager).await;
     assert_eq!(status, "dead");
-    assert_eq!(reason.as_deref(), Some("no channel named \"pager\" is configured"));
+    assert_eq!(
+        reason.as_deref(),
+        Some("no channel named \"pager\" is configured")
+    );
     let (status, attempts, _) = db.delivery(ids[1], hook).await;
     assert_eq!((status.as_str(), attempts), ("sent", 1));
     assert_eq!(hooks.accepted_events("dave").len(), 1);
@@ -137,7 +163,11 @@ async fn two_503s_then_success_is_sent_after_three_attempts() {
     let engine = Running::start(&db, "").await;
 
     let ids = db.insert(&[Row::new("erin", PAYLOAD)]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'", 1).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        1,
+    )
+    .await;
     engine.stop().await;
 
     let (status, attempts, _) = db.delivery(ids[0], device).await;
@@ -145,7 +175,11 @@ async fn two_503s_then_success_is_sent_after_three_attempts() {
     let statuses: Vec<u16> = hooks.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![503, 503, 204]);
     // The same idempotency id on every attempt.
-    let ids: Vec<String> = hooks.requests().iter().map(|r| r.webhook_id.clone()).collect();
+    let ids: Vec<String> = hooks
+        .requests()
+        .iter()
+        .map(|r| r.webhook_id.clone())
+        .collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
 }
 
@@ -158,7 +192,11 @@ async fn retry_after_is_honoured_and_the_slot_is_not_held_back() {
     let engine = Running::start(&db, "").await;
 
     let ids = db.insert(&[Row::new("fay", PAYLOAD)]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'failed'", 1).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'failed'",
+        1,
+    )
+    .await;
     let wait: f64 = db
         .client()
         .await
@@ -170,15 +208,25 @@ async fn retry_after_is_honoured_and_the_slot_is_not_held_back() {
         .await
         .unwrap()
         .get(0);
-    assert!((1.5..=2.5).contains(&wait), "next attempt {wait}s after the 429, not ~2s");
+    assert!(
+        (1.5..=2.5).contains(&wait),
+        "next attempt {wait}s after the 429, not ~2s"
+    );
     // While the retry waits, later rows still flow.
     let later = db.insert(&[Row::new("fay", PAYLOAD)]).await;
     db.wait_count(
-        &format!("SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {} AND status = 'sent'", later[0]),
+        &format!(
+            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {} AND status = 'sent'",
+            later[0]
+        ),
         1,
     )
     .await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'", 2).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        2,
+    )
+    .await;
     engine.stop().await;
     let (status, attempts, _) = db.delivery(ids[0], device).await;
     assert_eq!((status.as_str(), attempts), ("sent", 2));
@@ -194,28 +242,48 @@ async fn a_410_deactivates_the_device_and_later_rows_skip_it() {
     let engine = Running::start(&db, "").await;
 
     let first = db.insert(&[Row::new("gus", PAYLOAD)]).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2).await;
+    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2)
+        .await;
     let second = db.insert(&[Row::new("gus", PAYLOAD)]).await;
     db.wait_count(
-        &format!("SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}", second[0]),
+        &format!(
+            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}",
+            second[0]
+        ),
         1,
     )
     .await;
     engine.stop().await;
 
     let (status, _, reason) = db.delivery(first[0], old).await;
-    assert_eq!((status.as_str(), reason.as_deref()), ("dead", Some("webhook: 410")));
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("dead", Some("webhook: 410"))
+    );
     let row = db
         .client()
         .await
-        .query_one("SELECT active, deactivated_reason FROM walpush.devices WHERE id = $1", &[&old])
+        .query_one(
+            "SELECT active, deactivated_reason FROM walpush.devices WHERE id = $1",
+            &[&old],
+        )
         .await
         .unwrap();
     assert!(!row.get::<_, bool>(0));
-    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("webhook: 410"));
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("webhook: 410")
+    );
     assert_eq!(db.delivery(second[0], new).await.0, "sent");
     assert_eq!(hooks.accepted_events("gus/old").len(), 0);
-    assert_eq!(hooks.requests().iter().filter(|r| r.path == "gus/old").count(), 1);
+    assert_eq!(
+        hooks
+            .requests()
+            .iter()
+            .filter(|r| r.path == "gus/old")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +295,11 @@ async fn events_to_one_url_are_batched_into_arrays() {
 
     let rows: Vec<Row> = (0..5).map(|_| Row::new("hal", PAYLOAD)).collect();
     let ids = db.insert(&rows).await;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'", 5).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        5,
+    )
+    .await;
     engine.stop().await;
 
     let requests = hooks.requests();

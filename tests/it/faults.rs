@@ -9,7 +9,6 @@ use walpush::cluster::{Cluster, ClusterOptions};
 use crate::support::receiver::Receiver;
 use crate::support::{config_file, config_text, walpush, Running, TestDb, SECRET};
 
-
 fn spawn_run(path: &std::path::Path) -> Child {
     walpush()
         .args(["run", "--config"])
@@ -59,9 +58,15 @@ async fn insert_steadily(db: &TestDb, recipient: &str, txns: usize, per_txn: usi
 
 async fn assert_every_pair_sent_once(db: &TestDb, hooks: &Receiver, ids: &[i64], devices: &[i64]) {
     let expected = (ids.len() * devices.len()) as i64;
-    db.wait_count("SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'", expected)
-        .await;
-    assert_eq!(db.count("SELECT count(*) FROM walpush.deliveries").await, expected);
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        expected,
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM walpush.deliveries").await,
+        expected
+    );
     let pairs = db
         .count("SELECT count(DISTINCT (outbox_id, device_id)) FROM walpush.deliveries")
         .await;
@@ -73,7 +78,10 @@ async fn assert_every_pair_sent_once(db: &TestDb, hooks: &Receiver, ids: &[i64],
     }
     for id in ids {
         for device in devices {
-            assert!(seen.contains(&format!("msg_{id}_{device}")), "pair ({id}, {device}) lost");
+            assert!(
+                seen.contains(&format!("msg_{id}_{device}")),
+                "pair ({id}, {device}) lost"
+            );
         }
     }
     assert_eq!(hooks.rejected(), 0);
@@ -91,12 +99,16 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_doubles_nothing() {
     let producer = {
         let url = db.url.clone();
         tokio::spawn(async move {
-            let db = TestDb { name: String::new(), url };
+            let db = TestDb {
+                name: String::new(),
+                url,
+            };
             insert_steadily(&db, "lee", 60, 5).await
         })
     };
     // Kill it once it is demonstrably mid-stream.
-    db.wait_count_at_least("SELECT count(*) FROM walpush.deliveries", 40).await;
+    db.wait_count_at_least("SELECT count(*) FROM walpush.deliveries", 40)
+        .await;
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
     first.wait().unwrap();
@@ -124,11 +136,15 @@ async fn postgres_restart_mid_stream_loses_nothing_and_doubles_nothing() {
     let producer = {
         let url = db.url.clone();
         tokio::spawn(async move {
-            let db = TestDb { name: String::new(), url };
+            let db = TestDb {
+                name: String::new(),
+                url,
+            };
             insert_steadily(&db, "max", 60, 5).await
         })
     };
-    db.wait_count_at_least("SELECT count(*) FROM walpush.deliveries", 40).await;
+    db.wait_count_at_least("SELECT count(*) FROM walpush.deliveries", 40)
+        .await;
     cluster.restart().await.expect("restart PostgreSQL");
 
     let ids = producer.await.unwrap();

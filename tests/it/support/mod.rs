@@ -33,7 +33,9 @@ fn shared_port() -> u16 {
     CLUSTER_URL_BASE
         .get_or_init(|| {
             let cluster = std::thread::spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
                 rt.block_on(Cluster::start(ClusterOptions::default()))
                     .map_err(std::io::Error::other)
             })
@@ -59,7 +61,11 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let port = shared_port();
-        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed)
+        );
         let admin = connect(&format!("postgres://postgres@127.0.0.1:{port}/postgres")).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -73,19 +79,35 @@ impl TestDb {
 
     /// A database on another cluster (for tests that restart or reconfigure the server).
     pub async fn on(cluster: &Cluster) -> TestDb {
-        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
-        cluster.create_database(&name).await.expect("create database");
-        let db = TestDb { url: cluster.url(&name), name };
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed)
+        );
+        cluster
+            .create_database(&name)
+            .await
+            .expect("create database");
+        let db = TestDb {
+            url: cluster.url(&name),
+            name,
+        };
         db.migrate().await;
         db
     }
 
     pub async fn migrate(&self) {
         let mut client = self.client().await;
-        walpush::schema::migrate(&mut client).await.expect("migrate");
-        walpush::source::ensure_publication(&client, "walpush").await.expect("publication");
+        walpush::schema::migrate(&mut client)
+            .await
+            .expect("migrate");
+        walpush::source::ensure_publication(&client, "walpush")
+            .await
+            .expect("publication");
         // Slot names are cluster-wide: each test database gets its own.
-        walpush::source::ensure_slot(&client, &self.name).await.expect("slot");
+        walpush::source::ensure_slot(&client, &self.name)
+            .await
+            .expect("slot");
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -128,7 +150,12 @@ impl TestDb {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
     }
 
     /// Polls `sql` (one bigint) until it equals `expected`, for up to 60 s.
@@ -157,7 +184,10 @@ impl TestDb {
             if got >= floor {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "waited 60s for {sql:?} >= {floor}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited 60s for {sql:?} >= {floor}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -190,12 +220,20 @@ pub struct Row<'a> {
 
 impl<'a> Row<'a> {
     pub fn new(recipient: &'a str, payload: &'a str) -> Row<'a> {
-        Row { topic: "test.event", recipient, payload, channels: None, collapse_key: None }
+        Row {
+            topic: "test.event",
+            recipient,
+            payload,
+            channels: None,
+            collapse_key: None,
+        }
     }
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    walpush::ledger::connect(url).await.expect("connect to the test cluster")
+    walpush::ledger::connect(url)
+        .await
+        .expect("connect to the test cluster")
 }
 
 /// A webhook channel config block for a walpush config file.
@@ -238,7 +276,11 @@ impl Running {
         let (stop, stop_rx) = watch::channel(false);
         let engine = Engine::new(config, db.url.clone(), registry, metrics.clone());
         let task = tokio::spawn(async move { engine.run(stop_rx).await });
-        Running { stop, task, metrics }
+        Running {
+            stop,
+            task,
+            metrics,
+        }
     }
 
     /// Graceful stop; the engine must return Ok.
@@ -258,13 +300,17 @@ pub fn init_logs() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     });
 }
 
 /// The `walpush` binary.
 pub fn walpush() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walpush"));
-    cmd.env_remove("DATABASE_URL").env_remove("WALPUSH_DATABASE_URL");
+    cmd.env_remove("DATABASE_URL")
+        .env_remove("WALPUSH_DATABASE_URL");
     cmd
 }

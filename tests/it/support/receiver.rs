@@ -117,7 +117,8 @@ impl Receiver {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).ok()?;
         mac.update(format!("{id}.{timestamp}.").as_bytes());
         mac.update(body);
-        let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let expected =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
         let signatures = get("webhook-signature")?;
         signatures
             .split(' ')
@@ -147,7 +148,12 @@ async fn handle(
         .get_mut(&path)
         .and_then(VecDeque::pop_front)
         .unwrap_or((204, None));
-    inner.requests.push(Request { path, webhook_id, body, status });
+    inner.requests.push(Request {
+        path,
+        webhook_id,
+        body,
+        status,
+    });
     let mut headers = HeaderMap::new();
     if let Some(seconds) = retry_after {
         headers.insert("retry-after", seconds.to_string().parse().unwrap());
