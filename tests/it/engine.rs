@@ -1,5 +1,7 @@
 //! End to end through the engine: SQL INSERT to a verified webhook and one ledger row.
 
+use std::time::Duration;
+
 use crate::support::receiver::Receiver;
 use crate::support::{Row, Running, TestDb, SECRET};
 
@@ -312,4 +314,48 @@ async fn events_to_one_url_are_batched_into_arrays() {
         .collect();
     let want: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     assert_eq!(got, want, "in commit order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_are_served() {
+    let db = TestDb::new().await;
+    let hooks = Receiver::start(SECRET).await;
+    db.add_device("ivy", "hooks", &hooks.url("ivy")).await;
+    let engine = Running::start(&db, "").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(walpush::http::serve(
+        listener,
+        engine.metrics.clone(),
+        stop_rx,
+    ));
+
+    db.insert(&[Row::new("ivy", PAYLOAD)]).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        1,
+    )
+    .await;
+
+    let http = walpush::channels::http_client("test", None, Duration::from_secs(5), 2).unwrap();
+    let get = |path: &str| http.get(format!("{base}{path}")).send();
+    let health = get("/healthz").await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200, "streaming");
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"walpush_deliveries_total{channel="hooks",status="sent"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("walpush_replication_lag_bytes"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("walpush_batch_seconds_count"), "{metrics}");
+    assert!(!metrics.contains("MfKQ9r8G"), "no secret in metrics");
+    let metrics_handle = engine.metrics.clone();
+    engine.stop().await;
+    assert!(!metrics_handle.is_ready(), "not ready after stop");
+    assert_eq!(get("/readyz").await.unwrap().status(), 503);
 }
