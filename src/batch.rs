@@ -108,7 +108,10 @@ pub fn plan(
 ) -> Plan {
     let mut by_recipient: HashMap<&str, Vec<&Device>> = HashMap::new();
     for device in devices {
-        by_recipient.entry(&device.recipient).or_default().push(device);
+        by_recipient
+            .entry(&device.recipient)
+            .or_default()
+            .push(device);
     }
 
     let mut newest: HashMap<(&str, &str), i64> = HashMap::new();
@@ -133,7 +136,14 @@ pub fn plan(
         };
         for device in targets.iter().filter(|d| row.wants(&d.channel)) {
             let settle = |status, reason: Option<String>| {
-                Record::unsent(row.id, device.id, device.channel.clone(), row.commit_lsn, status, reason)
+                Record::unsent(
+                    row.id,
+                    device.id,
+                    device.channel.clone(),
+                    row.commit_lsn,
+                    status,
+                    reason,
+                )
             };
             if collapsed.contains(&row.id) {
                 plan.settled.push(settle(Status::Collapsed, None));
@@ -160,7 +170,12 @@ pub fn plan(
 mod tests {
     use super::*;
 
-    fn row(id: i64, recipient: &str, collapse: Option<&str>, channels: Option<&[&str]>) -> Arc<OutboxRow> {
+    fn row(
+        id: i64,
+        recipient: &str,
+        collapse: Option<&str>,
+        channels: Option<&[&str]>,
+    ) -> Arc<OutboxRow> {
         Arc::new(OutboxRow {
             id,
             topic: "t".to_owned(),
@@ -229,8 +244,16 @@ mod tests {
 
     #[test]
     fn fan_out_reaches_every_active_device_on_the_named_channels() {
-        let rows = [row(1, "a", None, None), row(2, "a", None, Some(&["ios"])), row(3, "z", None, None)];
-        let devices = [device(10, "a", "hooks"), device(11, "a", "ios"), device(12, "b", "hooks")];
+        let rows = [
+            row(1, "a", None, None),
+            row(2, "a", None, Some(&["ios"])),
+            row(3, "z", None, None),
+        ];
+        let devices = [
+            device(10, "a", "hooks"),
+            device(11, "a", "ios"),
+            device(12, "b", "hooks"),
+        ];
         let plan = plan(&rows, &devices, |_| true);
         let pairs: Vec<(i64, i64)> = plan.jobs.iter().map(|j| (j.row.id, j.device_id)).collect();
         assert_eq!(pairs, vec![(1, 10), (1, 11), (2, 11)]);
@@ -266,14 +289,36 @@ mod tests {
         let reasons: Vec<(i64, i64, Status, String)> = plan
             .settled
             .iter()
-            .map(|r| (r.outbox_id, r.device_id, r.status, r.last_error.clone().unwrap()))
+            .map(|r| {
+                (
+                    r.outbox_id,
+                    r.device_id,
+                    r.status,
+                    r.last_error.clone().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             reasons,
             vec![
-                (1, 11, Status::Dead, "no channel named \"pager\" is configured".to_owned()),
-                (2, 10, Status::Dead, "payload is not a JSON object".to_owned()),
-                (2, 11, Status::Dead, "no channel named \"pager\" is configured".to_owned()),
+                (
+                    1,
+                    11,
+                    Status::Dead,
+                    "no channel named \"pager\" is configured".to_owned()
+                ),
+                (
+                    2,
+                    10,
+                    Status::Dead,
+                    "payload is not a JSON object".to_owned()
+                ),
+                (
+                    2,
+                    11,
+                    Status::Dead,
+                    "no channel named \"pager\" is configured".to_owned()
+                ),
             ]
         );
     }

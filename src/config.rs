@@ -299,10 +299,7 @@ impl Config {
     /// Reads and validates a file. Relative paths inside it are resolved against its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|err| {
-            ConfigError::new(
-                "--config",
-                format!("cannot read {}: {err}", path.display()),
-            )
+            ConfigError::new("--config", format!("cannot read {}: {err}", path.display()))
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, base)
@@ -358,7 +355,10 @@ impl Config {
             return Err(ConfigError::new("retry.max_attempts", "must be at least 1"));
         }
         if self.retry.initial_backoff_ms == 0 {
-            return Err(ConfigError::new("retry.initial_backoff_ms", "must be at least 1"));
+            return Err(ConfigError::new(
+                "retry.initial_backoff_ms",
+                "must be at least 1",
+            ));
         }
         if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
             return Err(ConfigError::new(
@@ -371,7 +371,10 @@ impl Config {
             if !names.insert(channel.name.as_str()) {
                 return Err(ConfigError::new(
                     format!("channels[{index}].name"),
-                    format!("{:?} is used by an earlier channel: names must be unique", channel.name),
+                    format!(
+                        "{:?} is used by an earlier channel: names must be unique",
+                        channel.name
+                    ),
                 ));
             }
         }
@@ -430,12 +433,21 @@ fn field_in(message: &str) -> Option<String> {
     Some(message[start..start + len].to_owned())
 }
 
-fn parse_channel(index: usize, mut table: toml::Table, base: &Path) -> Result<ChannelConfig, ConfigError> {
+fn parse_channel(
+    index: usize,
+    mut table: toml::Table,
+    base: &Path,
+) -> Result<ChannelConfig, ConfigError> {
     let at = |key: &str| format!("channels[{index}].{key}");
     let name = match table.remove("name") {
         Some(toml::Value::String(name)) if !name.trim().is_empty() => name,
         Some(_) => return Err(ConfigError::new(at("name"), "must be a non-empty string")),
-        None => return Err(ConfigError::new(at("name"), "is required, e.g. name = \"hooks\"")),
+        None => {
+            return Err(ConfigError::new(
+                at("name"),
+                "is required, e.g. name = \"hooks\"",
+            ))
+        }
     };
     let kind = match table.remove("kind") {
         Some(toml::Value::String(kind)) => kind,
@@ -533,7 +545,10 @@ fn check_webhook(cfg: &WebhookConfig, at: &dyn Fn(&str) -> String) -> Result<(),
         }
     }
     if cfg.max_events_per_request == 0 {
-        return Err(ConfigError::new(at("max_events_per_request"), "must be at least 1"));
+        return Err(ConfigError::new(
+            at("max_events_per_request"),
+            "must be at least 1",
+        ));
     }
     check_common(at, "https://localhost", cfg.timeout_ms, cfg.concurrency)
 }

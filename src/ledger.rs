@@ -239,7 +239,10 @@ impl Ledger {
     pub async fn position(&self) -> Result<Option<Lsn>, tokio_postgres::Error> {
         let row = self
             .client
-            .query_opt("SELECT lsn FROM walpush.positions WHERE slot = $1", &[&self.slot])
+            .query_opt(
+                "SELECT lsn FROM walpush.positions WHERE slot = $1",
+                &[&self.slot],
+            )
             .await?;
         Ok(row.map(|r| Lsn::from(r.get::<_, PgLsn>(0))))
     }
@@ -326,7 +329,12 @@ impl Ledger {
                 );
                 tx.query(&sql, &[&limit]).await?
             }
-            Selection::Replay { from, to, redeliver, after } => {
+            Selection::Replay {
+                from,
+                to,
+                redeliver,
+                after,
+            } => {
                 let sql = format!(
                     "SELECT {DUE_COLUMNS} WHERE d.commit_lsn BETWEEN $1 AND $2 \
                      AND d.status <> 'collapsed' AND ($3 OR d.status <> 'sent') \
@@ -415,9 +423,12 @@ impl<'a> Columns<'a> {
 
 fn due_from_row(r: &tokio_postgres::Row) -> Due {
     let commit_lsn = Lsn::from(r.get::<_, PgLsn>(4));
-    let device = r
-        .get::<_, Option<&str>>(5)
-        .map(|address| (Arc::from(address), r.get::<_, Option<bool>>(6).unwrap_or(false)));
+    let device = r.get::<_, Option<&str>>(5).map(|address| {
+        (
+            Arc::from(address),
+            r.get::<_, Option<bool>>(6).unwrap_or(false),
+        )
+    });
     let row = r.get::<_, Option<i64>>(7).map(|id| {
         Arc::new(OutboxRow {
             id,

@@ -85,7 +85,11 @@ impl Policy {
         let ceiling = self.ceiling(attempts);
         let half = ceiling / 2;
         let spread = ceiling.saturating_sub(half).as_millis() as u64;
-        let jitter = if spread == 0 { 0 } else { rand::rng().random_range(0..=spread) };
+        let jitter = if spread == 0 {
+            0
+        } else {
+            rand::rng().random_range(0..=spread)
+        };
         half + Duration::from_millis(jitter)
     }
 
@@ -101,9 +105,10 @@ impl Policy {
             },
             Outcome::Dead { reason } => dead(reason, false),
             Outcome::Gone { reason } => dead(reason, true),
-            Outcome::Retry { reason, .. } if attempts >= self.max_attempts => {
-                dead(format!("gave up after {attempts} attempts: {reason}"), false)
-            }
+            Outcome::Retry { reason, .. } if attempts >= self.max_attempts => dead(
+                format!("gave up after {attempts} attempts: {reason}"),
+                false,
+            ),
             Outcome::Retry { reason, after } => {
                 let wait = match after {
                     Some(after) => after.min(MAX_RETRY_AFTER),
@@ -169,7 +174,10 @@ mod tests {
     fn retry_after_wins_over_backoff() {
         let p = policy();
         let v = p.verdict(
-            Outcome::Retry { reason: "429".to_owned(), after: Some(Duration::from_secs(30)) },
+            Outcome::Retry {
+                reason: "429".to_owned(),
+                after: Some(Duration::from_secs(30)),
+            },
             1,
         );
         assert_eq!(v.status, Status::Failed);
@@ -179,16 +187,27 @@ mod tests {
     #[test]
     fn the_last_attempt_is_dead() {
         let p = policy();
-        let retry = Outcome::Retry { reason: "HTTP 503".to_owned(), after: None };
+        let retry = Outcome::Retry {
+            reason: "HTTP 503".to_owned(),
+            after: None,
+        };
         assert_eq!(p.verdict(retry.clone(), 3).status, Status::Failed);
         let v = p.verdict(retry, 4);
         assert_eq!(v.status, Status::Dead);
-        assert_eq!(v.error.as_deref(), Some("gave up after 4 attempts: HTTP 503"));
+        assert_eq!(
+            v.error.as_deref(),
+            Some("gave up after 4 attempts: HTTP 503")
+        );
     }
 
     #[test]
     fn gone_is_dead_and_deactivates() {
-        let v = policy().verdict(Outcome::Gone { reason: "webhook: 410".to_owned() }, 1);
+        let v = policy().verdict(
+            Outcome::Gone {
+                reason: "webhook: 410".to_owned(),
+            },
+            1,
+        );
         assert_eq!(v.status, Status::Dead);
         assert!(v.gone);
     }

@@ -4,7 +4,11 @@
 //! concurrency, and classify each answer as an [`Outcome`]. The engine, the retry scheduler
 //! and replay only ever see outcomes.
 
+pub mod apns;
+pub mod fcm;
+pub mod push;
 pub mod webhook;
+pub mod webpush;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -99,12 +103,9 @@ impl Registry {
         for cfg in channels {
             let channel: Arc<dyn Channel> = match &cfg.kind {
                 ChannelKind::Webhook(w) => Arc::new(webhook::Webhook::new(&cfg.name, w)?),
-                other => {
-                    return Err(SetupError {
-                        name: cfg.name.clone(),
-                        message: format!("channel kind {} is not available yet", other.as_str()),
-                    })
-                }
+                ChannelKind::Apns(a) => Arc::new(apns::Apns::new(&cfg.name, a)?),
+                ChannelKind::Fcm(f) => Arc::new(fcm::Fcm::new(&cfg.name, f)?),
+                ChannelKind::WebPush(w) => Arc::new(webpush::WebPush::new(&cfg.name, w)?),
             };
             registry.insert(channel);
         }
@@ -129,7 +130,11 @@ impl Registry {
 
 /// Sends jobs grouped by channel, all channels at once; outcomes come back in job order.
 /// Jobs for a channel that is not configured are dead.
-pub async fn dispatch(registry: &Registry, channel_of: &[Arc<str>], jobs: Vec<Job>) -> Vec<Outcome> {
+pub async fn dispatch(
+    registry: &Registry,
+    channel_of: &[Arc<str>],
+    jobs: Vec<Job>,
+) -> Vec<Outcome> {
     let mut groups: HashMap<&str, (Vec<usize>, Vec<Job>)> = HashMap::new();
     for (index, job) in jobs.into_iter().enumerate() {
         let entry = groups.entry(&channel_of[index]).or_default();
@@ -137,13 +142,15 @@ pub async fn dispatch(registry: &Registry, channel_of: &[Arc<str>], jobs: Vec<Jo
         entry.1.push(job);
     }
     let mut outcomes = vec![None; channel_of.len()];
-    let sends = groups.into_iter().map(|(name, (indexes, jobs))| async move {
-        let results = match registry.get(name) {
-            Some(channel) => channel.send(&jobs).await,
-            None => jobs.iter().map(|_| no_such_channel(name)).collect(),
-        };
-        (indexes, results)
-    });
+    let sends = groups
+        .into_iter()
+        .map(|(name, (indexes, jobs))| async move {
+            let results = match registry.get(name) {
+                Some(channel) => channel.send(&jobs).await,
+                None => jobs.iter().map(|_| no_such_channel(name)).collect(),
+            };
+            (indexes, results)
+        });
     for (indexes, results) in futures_util::future::join_all(sends).await {
         for (index, outcome) in indexes.into_iter().zip(results) {
             outcomes[index] = Some(outcome);
@@ -192,7 +199,10 @@ pub fn http_client(
             added += 1;
         }
         if added == 0 {
-            return Err(setup(format!("ca_file {} holds no certificate", path.display())));
+            return Err(setup(format!(
+                "ca_file {} holds no certificate",
+                path.display()
+            )));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -72,7 +72,11 @@ impl Webhook {
         }
         outcomes
             .into_iter()
-            .map(|o| o.unwrap_or(Outcome::Dead { reason: "webhook: not sent".to_owned() }))
+            .map(|o| {
+                o.unwrap_or(Outcome::Dead {
+                    reason: "webhook: not sent".to_owned(),
+                })
+            })
             .collect()
     }
 
@@ -81,7 +85,10 @@ impl Webhook {
             let (index, event) = &chunk[0];
             (jobs[*index].idempotency_id(), event.clone())
         } else {
-            let ids: Vec<String> = chunk.iter().map(|(i, _)| jobs[*i].idempotency_id()).collect();
+            let ids: Vec<String> = chunk
+                .iter()
+                .map(|(i, _)| jobs[*i].idempotency_id())
+                .collect();
             let events: Vec<&str> = chunk.iter().map(|(_, e)| e.as_str()).collect();
             (batch_id(&ids), format!("[{}]", events.join(",")))
         };
@@ -92,7 +99,10 @@ impl Webhook {
         let signature = sign(&self.key, &id, timestamp, body.as_bytes());
 
         let Ok(_permit) = self.permits.acquire().await else {
-            return Outcome::Retry { reason: "webhook: channel closed".to_owned(), after: None };
+            return Outcome::Retry {
+                reason: "webhook: channel closed".to_owned(),
+                after: None,
+            };
         };
         let response = self
             .client
@@ -129,12 +139,16 @@ impl Channel for Webhook {
 pub fn classify(status: u16, headers: &reqwest::header::HeaderMap) -> Outcome {
     match status {
         200..=299 => Outcome::Sent { provider_ref: None },
-        410 => Outcome::Gone { reason: "webhook: 410".to_owned() },
+        410 => Outcome::Gone {
+            reason: "webhook: 410".to_owned(),
+        },
         408 | 429 | 500..=599 => Outcome::Retry {
             reason: format!("webhook: HTTP {status}"),
             after: super::retry_after(headers),
         },
-        _ => Outcome::Dead { reason: format!("webhook: HTTP {status}") },
+        _ => Outcome::Dead {
+            reason: format!("webhook: HTTP {status}"),
+        },
     }
 }
 
@@ -169,13 +183,18 @@ pub fn sign(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     let digest = mac.finalize().into_bytes();
-    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(digest))
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
 }
 
 /// The key bytes of a `whsec_` secret.
 pub fn secret_key(secret: &str) -> Option<Vec<u8>> {
     let encoded = secret.strip_prefix("whsec_")?;
-    base64::engine::general_purpose::STANDARD.decode(encoded).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
 }
 
 /// The `webhook-id` of a request carrying several events: derived from their ids, so the
@@ -259,7 +278,10 @@ mod tests {
                 after: Some(Duration::from_secs(7))
             }
         );
-        assert!(matches!(classify(503, &none), Outcome::Retry { after: None, .. }));
+        assert!(matches!(
+            classify(503, &none),
+            Outcome::Retry { after: None, .. }
+        ));
         assert!(matches!(classify(408, &none), Outcome::Retry { .. }));
     }
 

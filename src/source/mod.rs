@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
-use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
+use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
 use crate::outbox::{OutboxLayout, OutboxRow, RowError};
@@ -58,7 +58,10 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SourceError> {
 /// Creates the publication on `walpush.outbox` (inserts only) unless it exists.
 pub async fn ensure_publication(client: &Client, publication: &str) -> Result<bool, SourceError> {
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some();
     if !exists {
@@ -294,8 +297,9 @@ fn replication_config(
     publication: &str,
     start: Lsn,
 ) -> Result<ReplicationConfig, SourceError> {
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|_| SourceError::Url("not a PostgreSQL URL".to_owned()))?;
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| SourceError::Url("not a PostgreSQL URL".to_owned()))?;
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
         Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),

@@ -1,0 +1,2 @@
+mod push;
+mod support;
