@@ -1,1 +1,4 @@
-
+pub mod apns;
+pub mod fcm;
+pub mod tls;
+pub mod webpush;
