@@ -291,7 +291,7 @@ fn check_message(message: &Value) -> Result<(), &'static str> {
     {
         return Err("unknown field in message");
     }
-    if !message["token"].as_str().is_some_and(|t| !t.is_empty()) {
+    if message["token"].as_str().is_none_or(str::is_empty) {
         return Err("message.token is required");
     }
     if let Some(data) = message.get("data") {
