@@ -4,7 +4,11 @@
 //! concurrency, and classify each answer as an [`Outcome`]. The engine, the retry scheduler
 //! and replay only ever see outcomes.
 
+pub mod apns;
+pub mod fcm;
+pub mod push;
 pub mod webhook;
+pub mod webpush;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -99,12 +103,9 @@ impl Registry {
         for cfg in channels {
             let channel: Arc<dyn Channel> = match &cfg.kind {
                 ChannelKind::Webhook(w) => Arc::new(webhook::Webhook::new(&cfg.name, w)?),
-                other => {
-                    return Err(SetupError {
-                        name: cfg.name.clone(),
-                        message: format!("channel kind {} is not available yet", other.as_str()),
-                    })
-                }
+                ChannelKind::Apns(a) => Arc::new(apns::Apns::new(&cfg.name, a)?),
+                ChannelKind::Fcm(f) => Arc::new(fcm::Fcm::new(&cfg.name, f)?),
+                ChannelKind::WebPush(w) => Arc::new(webpush::WebPush::new(&cfg.name, w)?),
             };
             registry.insert(channel);
         }

@@ -2,7 +2,11 @@
 
 #![allow(dead_code)]
 
+pub mod apns;
+pub mod fcm;
 pub mod receiver;
+pub mod tls;
+pub mod webpush;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
