@@ -172,7 +172,10 @@ impl Apns {
                 Err(err) => return super::transport_error("apns", &err),
             };
             if status == 403 && reason.as_deref() == Some("ExpiredProviderToken") && !refreshed {
-                tracing::info!(channel = %self.name, "apns provider token expired, minting a new one");
+                tracing::info!(
+                    channel = %self.name,
+                    "apns provider token expired, minting a new one"
+                );
                 self.tokens.expire(&token);
                 refreshed = true;
                 continue;

@@ -264,7 +264,10 @@ impl Fcm {
             let headers = response.headers().clone();
             let body = response.bytes().await.unwrap_or_default();
             if status == 401 && !refreshed {
-                tracing::info!(channel = %self.name, "fcm access token rejected, fetching a new one");
+                tracing::info!(
+                    channel = %self.name,
+                    "fcm access token rejected, fetching a new one"
+                );
                 self.tokens.expire(&token).await;
                 refreshed = true;
                 continue;

@@ -328,9 +328,10 @@ async fn fcm_errors_deactivate_retry_or_kill_deliveries() {
     assert!(
         matches!(&outcomes[4], Outcome::Dead { reason } if reason.contains("INVALID_ARGUMENT"))
     );
-    assert!(
-        matches!(&outcomes[5], Outcome::Dead { reason } if reason.contains("over the 4096-byte limit"))
-    );
+    assert!(matches!(
+        &outcomes[5],
+        Outcome::Dead { reason } if reason.contains("over the 4096-byte limit")
+    ));
     assert_eq!(fake.received().len(), 5);
 }
 
@@ -432,12 +433,14 @@ async fn webpush_answers_and_malformed_subscriptions() {
             reason: "webpush: 404".to_owned()
         }
     );
-    assert!(
-        matches!(&outcomes[4], Outcome::Dead { reason } if reason.contains("malformed subscription"))
-    );
-    assert!(
-        matches!(&outcomes[5], Outcome::Dead { reason } if reason.contains("malformed subscription"))
-    );
+    assert!(matches!(
+        &outcomes[4],
+        Outcome::Dead { reason } if reason.contains("malformed subscription")
+    ));
+    assert!(matches!(
+        &outcomes[5],
+        Outcome::Dead { reason } if reason.contains("malformed subscription")
+    ));
     assert!(matches!(&outcomes[6], Outcome::Dead { reason } if reason.contains("byte limit")));
     assert_eq!(fake.received().len(), 4);
 }
@@ -460,4 +463,101 @@ async fn webpush_key_the_browser_did_not_subscribe_with_is_refused() {
             reason: "webpush: HTTP 403".to_owned()
         }]
     );
+}
+
+const IPHONE_TOKEN: &str = "a1b2c3d4e5f6a1b2c3d4e5f6a1b2c3d4e5f6a1b2c3d4e5f6a1b2c3d4e5f6a1b2";
+
+/// The seed's promise end to end: one INSERT reaches a person's iPhone, Android phone and
+/// browser (and their webhook) once each, through the engine and the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_outbox_row_reaches_an_iphone_an_android_phone_and_a_browser_once_each() {
+    use crate::support::receiver::Receiver;
+    use crate::support::{Row, Running, TestDb, SECRET};
+
+    let apns = FakeApns::start().await;
+    let fcm = FakeFcm::start().await;
+    let browser = FakeWebPush::start().await;
+    let hooks = Receiver::start(SECRET).await;
+    let db = TestDb::new().await;
+    let iphone = db.add_device("nia", "ios", IPHONE_TOKEN).await;
+    let android = db
+        .add_device("nia", "android", "fcm-registration-token-1")
+        .await;
+    let laptop = db
+        .add_device("nia", "browser", &browser.subscribe("nia-laptop"))
+        .await;
+    let hook = db.add_device("nia", "hooks", &hooks.url("nia")).await;
+
+    let a = apns.config();
+    let f = fcm.config();
+    let w = browser.config();
+    let extra = format!(
+        "[[channels]]\nname = \"ios\"\nkind = \"apns\"\nendpoint = {:?}\nkey_file = {:?}\n\
+         key_id = {:?}\nteam_id = {:?}\ntopic = {:?}\nca_file = {:?}\n\
+         [[channels]]\nname = \"android\"\nkind = \"fcm\"\nendpoint = {:?}\n\
+         service_account_file = {:?}\nca_file = {:?}\n\
+         [[channels]]\nname = \"browser\"\nkind = \"webpush\"\nvapid_private_key_file = {:?}\n\
+         subject = {:?}\nca_file = {:?}\n",
+        a.endpoint,
+        a.key_file.display().to_string(),
+        a.key_id,
+        a.team_id,
+        a.topic,
+        a.ca_file.unwrap().display().to_string(),
+        f.endpoint,
+        f.service_account_file.display().to_string(),
+        f.ca_file.unwrap().display().to_string(),
+        w.vapid_private_key_file.display().to_string(),
+        w.subject,
+        w.ca_file.unwrap().display().to_string(),
+    );
+    let engine = Running::start(&db, &extra).await;
+    let ids = db
+        .insert(&[Row::new(
+            "nia",
+            r#"{"title": "Order shipped", "body": "On its way"}"#,
+        )])
+        .await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        4,
+    )
+    .await;
+    engine.stop().await;
+
+    assert_eq!(db.count("SELECT count(*) FROM walpush.deliveries").await, 4);
+    for device in [iphone, android, laptop, hook] {
+        assert_eq!(
+            db.delivery(ids[0], device).await.0,
+            "sent",
+            "device {device}"
+        );
+    }
+    let to_iphone = apns.received();
+    assert_eq!(to_iphone.len(), 1);
+    assert_eq!(to_iphone[0].device_token, IPHONE_TOKEN);
+    assert_eq!(to_iphone[0].body["aps"]["alert"]["title"], "Order shipped");
+    let to_android = fcm.received();
+    assert_eq!(to_android.len(), 1);
+    assert_eq!(to_android[0].token, "fcm-registration-token-1");
+    let to_browser = browser.received();
+    assert_eq!(to_browser.len(), 1);
+    let plaintext = to_browser[0]
+        .plaintext
+        .as_ref()
+        .expect("the fake decrypted the push");
+    assert!(
+        plaintext.to_string().contains("Order shipped"),
+        "{plaintext}"
+    );
+    assert_eq!(hooks.accepted_events("nia").len(), 1);
+    // APNs and Web Push answers carry a provider reference into the ledger.
+    let refs = db
+        .count(&format!(
+            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {} \
+             AND provider_ref IS NOT NULL",
+            ids[0]
+        ))
+        .await;
+    assert!(refs >= 2, "apns-id and Location recorded, got {refs}");
 }

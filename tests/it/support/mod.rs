@@ -171,10 +171,18 @@ impl TestDb {
             if got == expected {
                 return;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "waited 60s for {sql:?} = {expected}, last saw {got}"
-            );
+            if tokio::time::Instant::now() >= deadline {
+                let ledger: Vec<String> = client
+                    .query(
+                        "SELECT format('%s/%s %s %s %s', outbox_id, device_id, channel, status, \
+                         coalesce(last_error, '')) FROM walpush.deliveries ORDER BY 1",
+                        &[],
+                    )
+                    .await
+                    .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                    .unwrap_or_default();
+                panic!("waited 60s for {sql:?} = {expected}, last saw {got}; ledger: {ledger:#?}");
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
