@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::channels::Outcome;
 use crate::outbox::OutboxRow;
 
 /// A payload, parsed once per job.
@@ -157,5 +158,110 @@ mod tests {
         let before = clock.now_unix();
         clock.advance(Duration::from_secs(3600));
         assert!(clock.now_unix() >= before + 3600);
+    }
+}
+
+/// Sends every job with `send_one`: jobs to one device address one after the other, in the
+/// order given (commit order), and different devices at once. Outcomes come back in job order.
+pub async fn in_device_order<'a, F, Fut>(
+    jobs: &'a [crate::channels::Job],
+    send_one: F,
+) -> Vec<Outcome>
+where
+    F: Fn(&'a crate::channels::Job) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut by_address: std::collections::HashMap<&str, Vec<usize>> = Default::default();
+    for (index, job) in jobs.iter().enumerate() {
+        by_address.entry(&job.address).or_default().push(index);
+    }
+    let per_device = by_address.into_values().map(|indexes| {
+        let send_one = &send_one;
+        async move {
+            let mut results = Vec::with_capacity(indexes.len());
+            for index in indexes {
+                results.push((index, send_one(&jobs[index]).await));
+            }
+            results
+        }
+    });
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; jobs.len()];
+    for results in futures_util::future::join_all(per_device).await {
+        for (index, outcome) in results {
+            outcomes[index] = Some(outcome);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or(Outcome::Dead {
+                reason: "not sent".to_owned(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod order_tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::channels::Job;
+    use crate::lsn::Lsn;
+
+    fn job(id: i64, address: &str) -> Job {
+        Job {
+            row: Arc::new(OutboxRow {
+                id,
+                topic: String::new(),
+                recipient: String::new(),
+                payload: Arc::from("{}"),
+                channels: None,
+                collapse_key: None,
+                created_at: String::new(),
+                commit_lsn: Lsn(0),
+            }),
+            device_id: 0,
+            address: Arc::from(address),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_device_in_order_devices_at_once() {
+        let jobs = [job(1, "a"), job(2, "b"), job(3, "a"), job(4, "b")];
+        let log = Mutex::new(Vec::new());
+        let outcomes = in_device_order(&jobs, |job| {
+            let log = &log;
+            async move {
+                log.lock().unwrap().push(format!("start {}", job.row.id));
+                // The first job to each device is the slow one.
+                let slow = job.row.id <= 2;
+                tokio::time::sleep(Duration::from_millis(if slow { 50 } else { 1 })).await;
+                log.lock().unwrap().push(format!("end {}", job.row.id));
+                Outcome::Sent {
+                    provider_ref: Some(job.row.id.to_string()),
+                }
+            }
+        })
+        .await;
+        let refs: Vec<String> = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::Sent { provider_ref } => provider_ref.unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(refs, ["1", "2", "3", "4"], "outcomes in job order");
+        let log = log.into_inner().unwrap();
+        let at = |what: &str| log.iter().position(|l| l == what).unwrap();
+        assert!(
+            at("end 1") < at("start 3"),
+            "device a in commit order: {log:?}"
+        );
+        assert!(
+            at("end 2") < at("start 4"),
+            "device b in commit order: {log:?}"
+        );
+        assert!(at("start 2") < at("end 1"), "devices at once: {log:?}");
     }
 }

@@ -292,9 +292,7 @@ impl Channel for WebPush {
     }
 
     fn send<'a>(&'a self, jobs: &'a [Job]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(futures_util::future::join_all(
-            jobs.iter().map(|job| self.send_one(job)),
-        ))
+        Box::pin(push::in_device_order(jobs, |job| self.send_one(job)))
     }
 }
 
