@@ -690,6 +690,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let config = Config::load(&dir.join("walpush.toml")).unwrap();
+        assert_eq!(config.channels.len(), 1);
+        assert_eq!(config.http.listen.port(), 9187);
+    }
+
+    #[test]
     fn bad_listen_address_is_named() {
         let err = parse("[http]\nlisten = \"nowhere\"\n").unwrap_err();
         assert_eq!(err.key, "http.listen");

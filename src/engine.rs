@@ -17,7 +17,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tracing::Instrument;
 
 use crate::batch::{self, Batch, Batcher};
-use crate::channels::{self, Job, Outcome, Registry};
+use crate::channels::{self, Job, Registry};
 use crate::config::Config;
 use crate::ledger::{self, Due, Ledger, Record, Selection};
 use crate::lsn::Lsn;
@@ -346,13 +346,18 @@ impl Processor {
                     .delivered(&record.channel, record.status.as_str());
             }
             records = plan.settled;
-            let outcomes =
-                channels::dispatch(&self.registry, &plan.channels, plan.jobs.clone()).await;
-            let now = Utc::now();
-            for ((job, channel), outcome) in plan.jobs.iter().zip(plan.channels).zip(outcomes) {
-                let record = self.settle(job, channel, 0, outcome, now, &mut gone);
-                records.push(record);
-            }
+            let first = vec![0; plan.jobs.len()];
+            let (sent, found_gone) = attempt(
+                &self.registry,
+                &self.policy,
+                &self.metrics,
+                plan.jobs,
+                plan.channels,
+                first,
+            )
+            .await;
+            records.extend(sent);
+            gone = found_gone;
         }
         if !records.is_empty() || batch.confirm.is_some() {
             self.ledger
@@ -370,73 +375,60 @@ impl Processor {
         );
         Ok(())
     }
-
-    fn settle(
-        &self,
-        job: &Job,
-        channel: Arc<str>,
-        previous_attempts: i32,
-        outcome: Outcome,
-        now: chrono::DateTime<Utc>,
-        gone: &mut Vec<(i64, String)>,
-    ) -> Record {
-        settle(
-            &self.policy,
-            &self.metrics,
-            job,
-            channel,
-            previous_attempts,
-            outcome,
-            now,
-            gone,
-        )
-    }
 }
 
-/// Turns one attempt's outcome into its ledger record, noting a gone device.
-#[allow(clippy::too_many_arguments)]
-fn settle(
+/// Sends jobs through their channels and turns each outcome into its ledger record;
+/// `previous_attempts[i]` is how often job `i` was tried before. Returns the records and the
+/// devices found gone.
+async fn attempt(
+    registry: &Registry,
     policy: &Policy,
     metrics: &Metrics,
-    job: &Job,
-    channel: Arc<str>,
-    previous_attempts: i32,
-    outcome: Outcome,
-    now: chrono::DateTime<Utc>,
-    gone: &mut Vec<(i64, String)>,
-) -> Record {
-    let attempts = previous_attempts + 1;
-    let verdict = policy.verdict(outcome, attempts.max(1) as u32);
-    if verdict.gone {
-        let reason = verdict.error.clone().unwrap_or_default();
-        tracing::warn!(
-            channel = %channel,
-            device_id = job.device_id,
-            reason = %reason,
-            "device deactivated"
-        );
-        gone.push((job.device_id, reason));
-    }
-    if verdict.status == Status::Failed {
-        tracing::warn!(
-            channel = %channel,
-            outbox_id = job.row.id,
-            device_id = job.device_id,
+    jobs: Vec<Job>,
+    names: Vec<Arc<str>>,
+    previous_attempts: Vec<i32>,
+) -> (Vec<Record>, Vec<(i64, String)>) {
+    let outcomes = channels::dispatch(registry, &names, jobs.clone()).await;
+    let now = Utc::now();
+    let mut records = Vec::with_capacity(jobs.len());
+    let mut gone = Vec::new();
+    let tries = jobs.iter().zip(names).zip(outcomes).zip(previous_attempts);
+    for (((job, channel), outcome), previous) in tries {
+        let attempts = previous + 1;
+        let verdict = policy.verdict(outcome, attempts.max(1) as u32);
+        if verdict.gone {
+            let reason = verdict.error.clone().unwrap_or_default();
+            tracing::warn!(
+                channel = %channel,
+                device_id = job.device_id,
+                reason = %reason,
+                "device deactivated"
+            );
+            gone.push((job.device_id, reason));
+        }
+        if verdict.status == Status::Failed {
+            tracing::warn!(
+                channel = %channel,
+                outbox_id = job.row.id,
+                device_id = job.device_id,
+                attempts,
+                reason = verdict.error.as_deref().unwrap_or(""),
+                "delivery failed, retry scheduled"
+            );
+        }
+        metrics.delivered(&channel, verdict.status.as_str());
+        let (outbox_id, lsn) = (job.row.id, job.row.commit_lsn);
+        records.push(Record::attempted(
+            outbox_id,
+            job.device_id,
+            channel,
+            lsn,
             attempts,
-            reason = verdict.error.as_deref().unwrap_or(""),
-            "delivery failed, retry scheduled"
-        );
+            verdict,
+            now,
+        ));
     }
-    metrics.delivered(&channel, verdict.status.as_str());
-    Record::attempted(
-        job.row.id,
-        job.device_id,
-        channel,
-        job.row.commit_lsn,
-        attempts,
-        verdict,
-        now,
-    )
+    (records, gone)
 }
 
 /// Attempts deliveries taken again from the ledger (by the scheduler or by replay).
@@ -446,9 +438,7 @@ pub async fn resend(
     metrics: &Metrics,
     due: &[Due],
 ) -> (Vec<Record>, Vec<(i64, String)>) {
-    let now = Utc::now();
     let mut records = Vec::new();
-    let mut gone = Vec::new();
     let mut jobs = Vec::new();
     let mut names = Vec::new();
     let mut previous = Vec::new();
@@ -492,13 +482,8 @@ pub async fn resend(
             }
         }
     }
-    let outcomes = channels::dispatch(registry, &names, jobs.clone()).await;
-    for (((job, channel), outcome), attempts) in jobs.iter().zip(names).zip(outcomes).zip(previous)
-    {
-        records.push(settle(
-            policy, metrics, job, channel, attempts, outcome, now, &mut gone,
-        ));
-    }
+    let (sent, gone) = attempt(registry, policy, metrics, jobs, names, previous).await;
+    records.extend(sent);
     (records, gone)
 }
 
