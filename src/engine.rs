@@ -130,8 +130,10 @@ impl Engine {
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), EngineError> {
         let slot = &self.config.slot;
-        let client = ledger::connect(&self.database_url).await?;
+        let mut client = ledger::connect(&self.database_url).await?;
         source::check_wal_level(&client).await?;
+        // Idempotent and cheap: a walpush started before anyone ran `migrate` still works.
+        crate::schema::migrate(&mut client).await?;
         source::ensure_publication(&client, &self.config.publication).await?;
         source::ensure_slot(&client, slot).await?;
         let ledger = Ledger::new(client, slot).await?;

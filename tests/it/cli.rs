@@ -248,3 +248,36 @@ async fn dead_deliveries_are_listed_and_requeued() {
     engine.stop().await;
     assert_eq!(db.delivery(ids[0], device).await.0, "sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_migrate_creates_the_schema_and_slot_itself() {
+    let db = TestDb::unmigrated().await;
+    let hooks = Receiver::start(SECRET).await;
+    let (_dir, path) = config_file(&config_text(&db.url, ""));
+    let mut child = walpush()
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    db.wait_count(
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}' AND active",
+            db.name
+        ),
+        1,
+    )
+    .await;
+    db.add_device("ola", "hooks", &hooks.url("ola")).await;
+    db.insert(&[Row::new("ola", PAYLOAD)]).await;
+    db.wait_count(
+        "SELECT count(*) FROM walpush.deliveries WHERE status = 'sent'",
+        1,
+    )
+    .await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert_eq!(hooks.accepted_events("ola").len(), 1);
+}

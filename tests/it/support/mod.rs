@@ -64,6 +64,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        let db = TestDb::unmigrated().await;
+        db.migrate().await;
+        db
+    }
+
+    /// A fresh database with nothing in it.
+    pub async fn unmigrated() -> TestDb {
         let port = shared_port();
         let name = format!(
             "t{}_{}",
@@ -76,9 +83,7 @@ impl TestDb {
             .await
             .expect("create database");
         let url = format!("postgres://postgres@127.0.0.1:{port}/{name}");
-        let db = TestDb { name, url };
-        db.migrate().await;
-        db
+        TestDb { name, url }
     }
 
     /// A database on another cluster (for tests that restart or reconfigure the server).
