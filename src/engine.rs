@@ -390,13 +390,16 @@ async fn attempt(
     names: Vec<Arc<str>>,
     previous_attempts: Vec<i32>,
 ) -> (Vec<Record>, Vec<(i64, String)>) {
-    let outcomes = channels::dispatch(registry, &names, jobs.clone()).await;
+    let first_attempts = previous_attempts.iter().all(|&p| p == 0);
+    let outcomes = channels::dispatch(registry, &names, jobs.clone(), first_attempts).await;
     let now = Utc::now();
     let mut records = Vec::with_capacity(jobs.len());
     let mut gone = Vec::new();
     let tries = jobs.iter().zip(names).zip(outcomes).zip(previous_attempts);
     for (((job, channel), outcome), previous) in tries {
-        let attempts = previous + 1;
+        // A deferred delivery was not attempted.
+        let tried = !matches!(outcome, channels::Outcome::Deferred { .. });
+        let attempts = previous + i32::from(tried);
         let verdict = policy.verdict(outcome, attempts.max(1) as u32);
         if verdict.gone {
             let reason = verdict.error.clone().unwrap_or_default();

@@ -105,6 +105,20 @@ impl Policy {
             },
             Outcome::Dead { reason } => dead(reason, false),
             Outcome::Gone { reason } => dead(reason, true),
+            Outcome::Unreachable { reason } => self.verdict(
+                Outcome::Retry {
+                    reason,
+                    after: None,
+                },
+                attempts,
+            ),
+            Outcome::Deferred { reason, after } => Verdict {
+                status: Status::Failed,
+                retry_in: Some(after),
+                error: Some(reason),
+                provider_ref: None,
+                gone: false,
+            },
             Outcome::Retry { reason, .. } if attempts >= self.max_attempts => dead(
                 format!("gave up after {attempts} attempts: {reason}"),
                 false,
@@ -198,6 +212,35 @@ mod tests {
             v.error.as_deref(),
             Some("gave up after 4 attempts: HTTP 503")
         );
+    }
+
+    #[test]
+    fn unreachable_is_retried_and_deferred_waits_as_told() {
+        let p = policy();
+        let v = p.verdict(
+            Outcome::Unreachable {
+                reason: "webhook: timed out".to_owned(),
+            },
+            1,
+        );
+        assert_eq!(v.status, Status::Failed);
+        assert!(v.retry_in.unwrap() <= Duration::from_millis(100));
+        let v = p.verdict(
+            Outcome::Unreachable {
+                reason: "x".to_owned(),
+            },
+            4,
+        );
+        assert_eq!(v.status, Status::Dead, "unreachable to the end is dead");
+        let after = Duration::from_millis(1500);
+        let v = p.verdict(
+            Outcome::Deferred {
+                reason: "resting".to_owned(),
+                after,
+            },
+            4,
+        );
+        assert_eq!((v.status, v.retry_in), (Status::Failed, Some(after)));
     }
 
     #[test]

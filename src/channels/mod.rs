@@ -63,6 +63,20 @@ pub enum Outcome {
         /// The provider's verdict, e.g. `webhook: 410`.
         reason: String,
     },
+    /// No answer at all (timeout, connection refused): retried like `Retry`, and the
+    /// destination is given a rest before new rows are tried on it.
+    Unreachable {
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// Not attempted, because the destination is resting after being unreachable; tried
+    /// again after `after` without counting as an attempt.
+    Deferred {
+        /// Why, in words.
+        reason: String,
+        /// When to try.
+        after: Duration,
+    },
 }
 
 /// A boxed future, so channels can be held as trait objects.
@@ -78,6 +92,12 @@ pub trait Channel: Send + Sync {
 
     /// Sends every job and returns one outcome per job, in the same order.
     fn send<'a>(&'a self, jobs: &'a [Job]) -> BoxFuture<'a, Vec<Outcome>>;
+
+    /// Where a job goes, for resting an unreachable destination: channels with one provider
+    /// endpoint keep the default (the whole channel rests).
+    fn destination(&self, _job: &Job) -> String {
+        String::new()
+    }
 }
 
 /// A channel could not be set up from its configuration.
@@ -94,6 +114,49 @@ pub struct SetupError {
 #[derive(Clone, Default)]
 pub struct Registry {
     by_name: HashMap<String, Arc<dyn Channel>>,
+    resting: Arc<Resting>,
+}
+
+/// Destinations that did not answer, resting until a time: while one rests, first attempts
+/// to it are deferred instead of waiting out a timeout on every batch, so a provider that is
+/// down does not slow the replication stream. Retries still try it, and any answer ends
+/// the rest.
+#[derive(Default)]
+struct Resting {
+    until: std::sync::Mutex<HashMap<(String, String), (tokio::time::Instant, u32)>>,
+}
+
+/// The first rest after an unreachable destination; it doubles with each further miss.
+const FIRST_REST: Duration = Duration::from_secs(1);
+/// The longest rest.
+const LONGEST_REST: Duration = Duration::from_secs(60);
+
+impl Resting {
+    fn remaining(&self, key: &(String, String)) -> Option<Duration> {
+        let until = self.until.lock().ok()?;
+        let (until, _) = until.get(key)?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    fn record(&self, key: (String, String), outcome: &Outcome) {
+        let Ok(mut until) = self.until.lock() else {
+            return;
+        };
+        match outcome {
+            Outcome::Unreachable { .. } => {
+                let misses = until.get(&key).map_or(0, |(_, misses)| *misses) + 1;
+                let rest = FIRST_REST
+                    .saturating_mul(1 << (misses - 1).min(6))
+                    .min(LONGEST_REST);
+                until.insert(key, (tokio::time::Instant::now() + rest, misses));
+            }
+            Outcome::Deferred { .. } => {}
+            _ => {
+                until.remove(&key);
+            }
+        }
+    }
 }
 
 impl Registry {
@@ -134,14 +197,28 @@ pub async fn dispatch(
     registry: &Registry,
     channel_of: &[Arc<str>],
     jobs: Vec<Job>,
+    first_attempts: bool,
 ) -> Vec<Outcome> {
+    let mut outcomes = vec![None; channel_of.len()];
+    let mut destinations = vec![(String::new(), String::new()); channel_of.len()];
     let mut groups: HashMap<&str, (Vec<usize>, Vec<Job>)> = HashMap::new();
     for (index, job) in jobs.into_iter().enumerate() {
-        let entry = groups.entry(&channel_of[index]).or_default();
+        let name = &channel_of[index];
+        if let Some(channel) = registry.get(name) {
+            destinations[index] = (name.to_string(), channel.destination(&job));
+            let rest = registry.resting.remaining(&destinations[index]);
+            if let (true, Some(after)) = (first_attempts, rest) {
+                outcomes[index] = Some(Outcome::Deferred {
+                    reason: format!("{}: not attempted, destination unreachable", channel.kind()),
+                    after,
+                });
+                continue;
+            }
+        }
+        let entry = groups.entry(name).or_default();
         entry.0.push(index);
         entry.1.push(job);
     }
-    let mut outcomes = vec![None; channel_of.len()];
     let sends = groups
         .into_iter()
         .map(|(name, (indexes, jobs))| async move {
@@ -153,6 +230,8 @@ pub async fn dispatch(
         });
     for (indexes, results) in futures_util::future::join_all(sends).await {
         for (index, outcome) in indexes.into_iter().zip(results) {
+            let destination = std::mem::take(&mut destinations[index]);
+            registry.resting.record(destination, &outcome);
             outcomes[index] = Some(outcome);
         }
     }
@@ -230,7 +309,7 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// Classifies a transport error (no HTTP answer) as a retry.
+/// Classifies a transport error (no HTTP answer): retried, and the destination rests.
 pub fn transport_error(kind: &str, err: &reqwest::Error) -> Outcome {
     let what = if err.is_timeout() {
         "timed out"
@@ -240,8 +319,7 @@ pub fn transport_error(kind: &str, err: &reqwest::Error) -> Outcome {
         "request failed"
     };
     // The error's Display can hold the URL, which may hold credentials: keep only the kind.
-    Outcome::Retry {
+    Outcome::Unreachable {
         reason: format!("{kind}: {what}"),
-        after: None,
     }
 }

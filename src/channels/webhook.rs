@@ -134,6 +134,12 @@ impl Channel for Webhook {
     fn send<'a>(&'a self, jobs: &'a [Job]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(self.send_all(jobs))
     }
+
+    fn destination(&self, job: &Job) -> String {
+        url::Url::parse(&job.address)
+            .map(|url| url.origin().ascii_serialization())
+            .unwrap_or_default()
+    }
 }
 
 /// Maps an HTTP status to an outcome, as the design says for webhooks.

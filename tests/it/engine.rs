@@ -359,3 +359,56 @@ async fn health_readiness_and_metrics_are_served() {
     assert!(!metrics_handle.is_ready(), "not ready after stop");
     assert_eq!(get("/readyz").await.unwrap().status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_destination_rests_instead_of_slowing_every_batch() {
+    let db = TestDb::new().await;
+    let hooks = Receiver::start(SECRET).await;
+    // Accepts connections and never answers, like a host behind a dropped route.
+    let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let blackhole_url = format!("http://{}/hook", blackhole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = blackhole.accept().await {
+            held.push(socket);
+        }
+    });
+    let stuck = db.add_device("pia", "slow", &blackhole_url).await;
+    let fine = db.add_device("pia", "hooks", &hooks.url("pia")).await;
+    let slow = format!(
+        "[[channels]]\nname = \"slow\"\nkind = \"webhook\"\nsecret = \"{SECRET}\"\ntimeout_ms = 300\n"
+    );
+    let engine = Running::start(&db, &slow).await;
+
+    let first = db.insert(&[Row::new("pia", PAYLOAD)]).await;
+    db.wait_count(
+        &format!(
+            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {} AND device_id = {stuck} \
+             AND last_error = 'webhook: timed out'",
+            first[0]
+        ),
+        1,
+    )
+    .await;
+    // The next row does not wait out another timeout: its delivery to the resting
+    // destination is deferred without an attempt, the healthy device gets it at once.
+    let second = db.insert(&[Row::new("pia", PAYLOAD)]).await;
+    db.wait_count(
+        &format!(
+            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}",
+            second[0]
+        ),
+        2,
+    )
+    .await;
+    engine.stop().await;
+
+    let (status, attempts, reason) = db.delivery(second[0], stuck).await;
+    assert_eq!((status.as_str(), attempts), ("failed", 0));
+    assert_eq!(
+        reason.as_deref(),
+        Some("webhook: not attempted, destination unreachable")
+    );
+    assert_eq!(db.delivery(second[0], fine).await.0, "sent");
+    assert_eq!(db.delivery(first[0], fine).await.0, "sent");
+}
