@@ -279,6 +279,16 @@ async fn backlog(
     );
     report.line(
         "backlog",
+        "walpush processor busy (batches)",
+        format!(
+            "{:.0}% of the drain ({})",
+            100.0 * drained.busy.0 / drained.elapsed.as_secs_f64(),
+            drained.busy.1
+        ),
+        "",
+    );
+    report.line(
+        "backlog",
         "ratio walpush / pg_recvlogical",
         format!("{ratio:.2}"),
         "≥ 0.8",
@@ -296,6 +306,8 @@ async fn backlog(
             "walpush_seconds": drained.elapsed.as_secs_f64(),
             "walpush_rows_per_second": walpush_rate,
             "walpush_requests": drained.requests,
+            "walpush_batches": drained.busy.1,
+            "walpush_processor_busy_seconds": drained.busy.0,
             "ratio": ratio,
         }),
     );
@@ -414,6 +426,8 @@ async fn fanout(
             "seconds": drained.elapsed.as_secs_f64(),
             "deliveries_per_second": rate,
             "requests": drained.requests,
+            "batches": drained.busy.1,
+            "processor_busy_seconds": drained.busy.0,
         }),
     );
     Ok(())
@@ -761,6 +775,23 @@ impl Running {
 struct Drained {
     elapsed: Duration,
     requests: u64,
+    /// `(sum, count)` of `walpush_batch_seconds`: how long the processor spent on batches.
+    busy: (f64, u64),
+}
+
+/// The sum and count of the engine's `walpush_batch_seconds` histogram.
+fn batch_seconds(metrics: &Metrics) -> (f64, u64) {
+    let text = metrics.render();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .unwrap_or_default()
+    };
+    (
+        value("walpush_batch_seconds_sum"),
+        value("walpush_batch_seconds_count") as u64,
+    )
 }
 
 /// Starts the engine and times it until `expected` deliveries are `sent` in the ledger.
@@ -775,8 +806,13 @@ async fn drain_in_process(
     let engine = Running::start(db, settings)?;
     let elapsed = wait_drained(db, receiver, expected, started).await?;
     let requests = receiver.requests.load(Ordering::Relaxed);
+    let busy = batch_seconds(&engine.metrics);
     engine.stop().await?;
-    Ok(Drained { elapsed, requests })
+    Ok(Drained {
+        elapsed,
+        requests,
+        busy,
+    })
 }
 
 /// Waits until the receiver has seen `expected` events, then until the ledger records them all
