@@ -671,15 +671,14 @@ async fn pg_recvlogical(cluster: &Cluster, db: &Db, end: &str) -> Result<Duratio
     Ok(elapsed)
 }
 
+/// Outbox ids with the time their commit was acknowledged.
+type Commits = Vec<(i64, Instant)>;
+
 /// Commits one row per transaction at `rate` rows/s; returns each row's commit time.
-async fn produce_paced(
-    db: &Db,
-    total: usize,
-    rate: u64,
-) -> Result<(Vec<(i64, Instant)>, Duration)> {
+async fn produce_paced(db: &Db, total: usize, rate: u64) -> Result<(Commits, Duration)> {
     let started = Instant::now();
     let interval = Duration::from_secs(1) / rate as u32;
-    let mut tasks: Vec<JoinHandle<Result<Vec<(i64, Instant)>>>> = Vec::new();
+    let mut tasks: Vec<JoinHandle<Result<Commits>>> = Vec::new();
     for worker in 0..PRODUCERS {
         let url = db.url.clone();
         tasks.push(tokio::spawn(async move {
