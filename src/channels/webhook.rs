@@ -47,9 +47,17 @@ impl Webhook {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; jobs.len()];
 
         // Render every event; a job that cannot be rendered is dead on its own.
+        // Addresses repeat across a batch (one per device): each is parsed once, not per event.
         let mut by_url: HashMap<&str, Vec<(usize, String)>> = HashMap::new();
+        let mut checked: HashMap<&str, Result<(), String>> = HashMap::new();
         for (index, job) in jobs.iter().enumerate() {
-            match render(job) {
+            let rendered = render_event(job).and_then(|event| {
+                let address = checked
+                    .entry(&job.address)
+                    .or_insert_with(|| check_address(&job.address));
+                address.clone().map(|()| event)
+            });
+            match rendered {
                 Ok(event) => by_url.entry(&job.address).or_default().push((index, event)),
                 Err(reason) => outcomes[index] = Some(Outcome::Dead { reason }),
             }
@@ -161,13 +169,25 @@ pub fn classify(status: u16, headers: &reqwest::header::HeaderMap) -> Outcome {
 
 /// The event JSON of the design: `{"id", "type", "timestamp", "recipient", "lsn", "data"}`.
 pub fn render(job: &Job) -> Result<String, String> {
+    let event = render_event(job)?;
+    check_address(&job.address)?;
+    Ok(event)
+}
+
+/// Whether a device address is an http(s) URL a request can go to.
+fn check_address(address: &str) -> Result<(), String> {
+    let scheme_ok = address.starts_with("https://") || address.starts_with("http://");
+    if !scheme_ok || url::Url::parse(address).is_err() {
+        return Err("webhook: device address is not an http(s) URL".to_owned());
+    }
+    Ok(())
+}
+
+/// The event JSON of one job, without looking at its address.
+fn render_event(job: &Job) -> Result<String, String> {
     let row = &job.row;
     if !row.payload_is_object() {
         return Err("payload is not a JSON object".to_owned());
-    }
-    let url_ok = job.address.starts_with("https://") || job.address.starts_with("http://");
-    if !url_ok || url::Url::parse(&job.address).is_err() {
-        return Err("webhook: device address is not an http(s) URL".to_owned());
     }
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
     Ok(format!(
