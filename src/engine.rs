@@ -150,8 +150,9 @@ impl Engine {
             batches: 0,
             confirmed: position,
         });
+        let lookups = Ledger::new(ledger::connect(&self.database_url).await?, slot).await?;
         let processor = Processor {
-            ledger,
+            lookups,
             registry: self.registry.clone(),
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
@@ -160,7 +161,7 @@ impl Engine {
         };
         let mut processor = tokio::spawn(
             processor
-                .run(batch_rx, progress_tx)
+                .run(ledger, batch_rx, progress_tx)
                 .instrument(tracing::info_span!("processor")),
         );
         let scheduler = tokio::spawn(
@@ -297,9 +298,17 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Fans batches out, sends them, and records outcomes and position in one transaction.
+/// Fans batches out and sends them; a writer task records each batch's outcomes and position
+/// in one transaction.
+///
+/// The two overlap: while batch N's ledger transaction commits, batch N+1 is fanned out and
+/// sent. Sends stay in batch order (so per-device order holds), commits stay in batch order
+/// (so the position only moves forward over recorded batches), and the slot is confirmed by
+/// the writer's progress only. The price is the crash window: up to two batches can have been
+/// sent and not yet recorded.
 struct Processor {
-    ledger: Ledger,
+    /// Device lookups; the writer has its own connection.
+    lookups: Ledger,
     registry: Registry,
     policy: Policy,
     metrics: Arc<Metrics>,
@@ -309,25 +318,49 @@ struct Processor {
     resume_at: Lsn,
 }
 
+/// A sent batch waiting for its ledger transaction.
+struct Sent {
+    records: Vec<Record>,
+    gone: Vec<(i64, String)>,
+    confirm: Option<Lsn>,
+    rows: usize,
+    started: Instant,
+}
+
 impl Processor {
     async fn run(
         mut self,
+        writer: Ledger,
         mut batches: mpsc::Receiver<Batch>,
         progress: watch::Sender<Progress>,
     ) -> Result<Lsn, EngineError> {
-        let mut state = *progress.borrow();
-        while let Some(batch) = batches.recv().await {
-            self.process(&batch).await?;
-            if let Some(lsn) = batch.confirm {
-                state.confirmed = state.confirmed.max(lsn);
+        // Capacity 1: at most one sent batch waits while another commits.
+        let (sent_tx, sent_rx) = mpsc::channel::<Sent>(1);
+        let metrics = self.metrics.clone();
+        // Aborted with the processor when a session ends on an error.
+        let mut writer = AbortOnDrop(tokio::spawn(
+            write(writer, sent_rx, progress, metrics).instrument(tracing::info_span!("writer")),
+        ));
+        let joined = |result: Result<Result<Lsn, EngineError>, tokio::task::JoinError>| {
+            result.unwrap_or_else(|err| Err(EngineError::Task(format!("writer: {err}"))))
+        };
+        loop {
+            // A writer that fails ends the processor at once, even while no batch comes.
+            let batch = tokio::select! {
+                batch = batches.recv() => batch,
+                result = &mut writer.0 => return joined(result),
+            };
+            let Some(batch) = batch else { break };
+            let sent = self.send(&batch).await?;
+            if sent_tx.send(sent).await.is_err() {
+                break;
             }
-            state.batches += 1;
-            progress.send_replace(state);
         }
-        Ok(state.confirmed)
+        drop(sent_tx);
+        joined((&mut writer.0).await)
     }
 
-    async fn process(&mut self, batch: &Batch) -> Result<(), EngineError> {
+    async fn send(&mut self, batch: &Batch) -> Result<Sent, EngineError> {
         let started = Instant::now();
         let rows: Vec<Arc<crate::outbox::OutboxRow>> = batch
             .rows
@@ -341,7 +374,7 @@ impl Processor {
             let mut recipients: Vec<&str> = rows.iter().map(|r| r.recipient.as_str()).collect();
             recipients.sort_unstable();
             recipients.dedup();
-            let devices = self.ledger.devices(&recipients).await?;
+            let devices = self.lookups.devices(&recipients).await?;
             let plan = batch::plan(&rows, &devices, |name| self.registry.get(name).is_some());
             for record in &plan.settled {
                 self.metrics
@@ -361,22 +394,46 @@ impl Processor {
             records.extend(sent);
             gone = found_gone;
         }
-        if !records.is_empty() || batch.confirm.is_some() {
-            self.ledger
-                .commit_batch(&records, &gone, batch.confirm)
+        Ok(Sent {
+            records,
+            gone,
+            confirm: batch.confirm,
+            rows: rows.len(),
+            started,
+        })
+    }
+}
+
+/// Records sent batches in order and reports each committed position.
+async fn write(
+    mut ledger: Ledger,
+    mut sent: mpsc::Receiver<Sent>,
+    progress: watch::Sender<Progress>,
+    metrics: Arc<Metrics>,
+) -> Result<Lsn, EngineError> {
+    let mut state = *progress.borrow();
+    while let Some(batch) = sent.recv().await {
+        if !batch.records.is_empty() || batch.confirm.is_some() {
+            ledger
+                .commit_batch(&batch.records, &batch.gone, batch.confirm)
                 .await?;
         }
-        self.metrics.batch_rows.observe(rows.len() as f64);
-        self.metrics
+        metrics.batch_rows.observe(batch.rows as f64);
+        metrics
             .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(batch.started.elapsed().as_secs_f64());
         tracing::debug!(
-            rows = rows.len(),
-            deliveries = records.len(),
+            rows = batch.rows,
+            deliveries = batch.records.len(),
             "batch recorded"
         );
-        Ok(())
+        if let Some(lsn) = batch.confirm {
+            state.confirmed = state.confirmed.max(lsn);
+        }
+        state.batches += 1;
+        progress.send_replace(state);
     }
+    Ok(state.confirmed)
 }
 
 /// Sends jobs through their channels and turns each outcome into its ledger record;
