@@ -279,7 +279,7 @@ async fn backlog(
     );
     report.line(
         "backlog",
-        "walpush processor busy (batches)",
+        "walpush batch time ÷ drain time (batches; over 100% = overlapped)",
         format!(
             "{:.0}% of the drain ({})",
             100.0 * drained.busy.0 / drained.elapsed.as_secs_f64(),
