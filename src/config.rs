@@ -132,6 +132,10 @@ pub enum ChannelKind {
     Fcm(FcmConfig),
     /// Web Push (RFC 8030/8291/8292).
     WebPush(WebPushConfig),
+    /// E-mail over SMTP: accepted in the file, not delivered by this build.
+    Email(EmailConfig),
+    /// NATS JetStream: accepted in the file, not delivered by this build.
+    Nats(NatsConfig),
 }
 
 impl ChannelKind {
@@ -142,6 +146,8 @@ impl ChannelKind {
             ChannelKind::Apns(_) => "apns",
             ChannelKind::Fcm(_) => "fcm",
             ChannelKind::WebPush(_) => "webpush",
+            ChannelKind::Email(_) => "email",
+            ChannelKind::Nats(_) => "nats",
         }
     }
 }
@@ -241,6 +247,26 @@ pub struct WebPushConfig {
     /// Requests in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+}
+
+/// `kind = "email"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `smtp://host:port` or `smtps://...`.
+    pub smtp_url: String,
+    /// The `From` header.
+    pub from: String,
+}
+
+/// `kind = "nats"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:port`.
+    pub url: String,
+    /// Subject template, e.g. `walpush.{topic}`.
+    pub subject: String,
 }
 
 fn one() -> usize {
@@ -455,7 +481,7 @@ fn parse_channel(
         None => {
             return Err(ConfigError::new(
                 at("kind"),
-                "is required: one of webhook, apns, fcm, webpush",
+                "is required: one of webhook, apns, fcm, webpush, email, nats",
             ))
         }
     };
@@ -505,10 +531,32 @@ fn parse_channel(
             }
             ChannelKind::WebPush(cfg)
         }
+        "email" => {
+            let cfg: EmailConfig = value.try_into().map_err(wrap)?;
+            check_url(&at("smtp_url"), &cfg.smtp_url, &["smtp", "smtps"])?;
+            if cfg.from.trim().is_empty() {
+                return Err(ConfigError::new(at("from"), "must be a sender address"));
+            }
+            ChannelKind::Email(cfg)
+        }
+        "nats" => {
+            let cfg: NatsConfig = value.try_into().map_err(wrap)?;
+            check_url(&at("url"), &cfg.url, &["nats", "tls"])?;
+            if cfg.subject.trim().is_empty() {
+                return Err(ConfigError::new(
+                    at("subject"),
+                    "must be a subject, e.g. walpush.{topic}",
+                ));
+            }
+            ChannelKind::Nats(cfg)
+        }
         other => {
             return Err(ConfigError::new(
                 at("kind"),
-                format!("unknown channel kind {other:?}: use one of webhook, apns, fcm, webpush"),
+                format!(
+                    "unknown channel kind {other:?}: use one of webhook, apns, fcm, webpush, \
+                     email, nats"
+                ),
             ))
         }
     };
@@ -524,6 +572,7 @@ fn ca_file_of(kind: &ChannelKind) -> Option<&PathBuf> {
         ChannelKind::Apns(c) => c.ca_file.as_ref(),
         ChannelKind::Fcm(c) => c.ca_file.as_ref(),
         ChannelKind::WebPush(c) => c.ca_file.as_ref(),
+        ChannelKind::Email(_) | ChannelKind::Nats(_) => None,
     }
 }
 
@@ -575,6 +624,16 @@ fn check_common(
         return Err(ConfigError::new(at("concurrency"), "must be at least 1"));
     }
     Ok(())
+}
+
+fn check_url(key: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(url) if schemes.contains(&url.scheme()) => Ok(()),
+        _ => Err(ConfigError::new(
+            key,
+            format!("is not a {} URL", schemes.join(" or ")),
+        )),
+    }
 }
 
 fn check_file(key: &str, path: &Path) -> Result<(), ConfigError> {
@@ -695,6 +754,19 @@ mod tests {
         let config = Config::load(&dir.join("walpush.toml")).unwrap();
         assert_eq!(config.channels.len(), 1);
         assert_eq!(config.http.listen.port(), 9187);
+    }
+
+    #[test]
+    fn email_and_nats_channels_of_the_design_parse() {
+        let text = "[[channels]]\nname = \"mail\"\nkind = \"email\"\n\
+                    smtp_url = \"smtp://127.0.0.1:2525\"\nfrom = \"Ex <no@example.com>\"\n\
+                    [[channels]]\nname = \"bus\"\nkind = \"nats\"\n\
+                    url = \"nats://127.0.0.1:4222\"\nsubject = \"walpush.{topic}\"\n";
+        let config = parse(text).unwrap();
+        assert_eq!(config.channels[0].kind.as_str(), "email");
+        assert_eq!(config.channels[1].kind.as_str(), "nats");
+        let err = parse(&text.replace("smtp://", "http://")).unwrap_err();
+        assert_eq!(err.key, "channels[0].smtp_url");
     }
 
     #[test]

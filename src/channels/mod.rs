@@ -100,6 +100,37 @@ pub trait Channel: Send + Sync {
     }
 }
 
+/// A configured kind this build cannot deliver (e-mail, NATS): every delivery is dead with a
+/// reason that says so, and the rest of the configuration works.
+struct Unavailable {
+    name: String,
+    kind: &'static str,
+}
+
+impl Channel for Unavailable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn send<'a>(&'a self, jobs: &'a [Job]) -> BoxFuture<'a, Vec<Outcome>> {
+        let reason = format!(
+            "{}: this build of walpush cannot deliver this kind",
+            self.kind
+        );
+        let outcomes = jobs
+            .iter()
+            .map(|_| Outcome::Dead {
+                reason: reason.clone(),
+            })
+            .collect();
+        Box::pin(std::future::ready(outcomes))
+    }
+}
+
 /// A channel could not be set up from its configuration.
 #[derive(Debug, thiserror::Error)]
 #[error("channel {name}: {message}")]
@@ -169,6 +200,17 @@ impl Registry {
                 ChannelKind::Apns(a) => Arc::new(apns::Apns::new(&cfg.name, a)?),
                 ChannelKind::Fcm(f) => Arc::new(fcm::Fcm::new(&cfg.name, f)?),
                 ChannelKind::WebPush(w) => Arc::new(webpush::WebPush::new(&cfg.name, w)?),
+                kind @ (ChannelKind::Email(_) | ChannelKind::Nats(_)) => {
+                    tracing::error!(
+                        channel = %cfg.name,
+                        kind = kind.as_str(),
+                        "channel kind not available in this build: its deliveries will be dead"
+                    );
+                    Arc::new(Unavailable {
+                        name: cfg.name.clone(),
+                        kind: kind.as_str(),
+                    })
+                }
             };
             registry.insert(channel);
         }

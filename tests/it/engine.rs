@@ -412,3 +412,26 @@ async fn an_unreachable_destination_rests_instead_of_slowing_every_batch() {
     assert_eq!(db.delivery(second[0], fine).await.0, "sent");
     assert_eq!(db.delivery(first[0], fine).await.0, "sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_this_build_cannot_deliver_is_dead_with_a_reason_and_the_rest_goes_on() {
+    let db = TestDb::new().await;
+    let hooks = Receiver::start(SECRET).await;
+    let mail = db.add_device("quinn", "mail", "quinn@example.com").await;
+    let hook = db.add_device("quinn", "hooks", &hooks.url("quinn")).await;
+    let extra = "[[channels]]\nname = \"mail\"\nkind = \"email\"\n\
+                 smtp_url = \"smtp://127.0.0.1:2525\"\nfrom = \"Ex <no@example.com>\"\n";
+    let engine = Running::start(&db, extra).await;
+    let ids = db.insert(&[Row::new("quinn", PAYLOAD)]).await;
+    db.wait_count("SELECT count(*) FROM walpush.deliveries", 2)
+        .await;
+    engine.stop().await;
+
+    let (status, attempts, reason) = db.delivery(ids[0], mail).await;
+    assert_eq!((status.as_str(), attempts), ("dead", 1));
+    assert_eq!(
+        reason.as_deref(),
+        Some("email: this build of walpush cannot deliver this kind")
+    );
+    assert_eq!(db.delivery(ids[0], hook).await.0, "sent");
+}
