@@ -376,7 +376,8 @@ async fn an_unreachable_destination_rests_instead_of_slowing_every_batch() {
     let stuck = db.add_device("pia", "slow", &blackhole_url).await;
     let fine = db.add_device("pia", "hooks", &hooks.url("pia")).await;
     let slow = format!(
-        "[[channels]]\nname = \"slow\"\nkind = \"webhook\"\nsecret = \"{SECRET}\"\ntimeout_ms = 300\n"
+        "[[channels]]\nname = \"slow\"\nkind = \"webhook\"\nsecret = \"{SECRET}\"\n\
+         timeout_ms = 300\n"
     );
     let engine = Running::start(&db, &slow).await;
 

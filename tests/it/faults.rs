@@ -21,12 +21,17 @@ fn spawn_run(path: &std::path::Path) -> Child {
 
 /// Inserts `txns` transactions of `per_txn` rows for `recipient`, retrying a transaction
 /// that fails because the server is restarting. Returns every committed id.
-async fn insert_steadily(db: &TestDb, recipient: &str, txns: usize, per_txn: usize) -> Vec<i64> {
+async fn insert_steadily(
+    url: String,
+    recipient: &'static str,
+    txns: usize,
+    per_txn: usize,
+) -> Vec<i64> {
     let mut ids = Vec::new();
     for _ in 0..txns {
         loop {
             let attempt = async {
-                let mut client = walpush::ledger::connect(&db.url).await?;
+                let mut client = walpush::ledger::connect(&url).await?;
                 let tx = client.transaction().await?;
                 let mut batch = Vec::new();
                 for _ in 0..per_txn {
@@ -96,16 +101,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_doubles_nothing() {
     let (_dir, path) = config_file(&config_text(&db.url, ""));
 
     let mut first = spawn_run(&path);
-    let producer = {
-        let url = db.url.clone();
-        tokio::spawn(async move {
-            let db = TestDb {
-                name: String::new(),
-                url,
-            };
-            insert_steadily(&db, "lee", 60, 5).await
-        })
-    };
+    let producer = tokio::spawn(insert_steadily(db.url.clone(), "lee", 60, 5));
     // Kill it once it is demonstrably mid-stream.
     db.wait_count_at_least("SELECT count(*) FROM walpush.deliveries", 40)
         .await;
@@ -133,16 +129,7 @@ async fn postgres_restart_mid_stream_loses_nothing_and_doubles_nothing() {
     let d2 = db.add_device("max", "hooks", &hooks.url("max/2")).await;
     let engine = Running::start(&db, "").await;
 
-    let producer = {
-        let url = db.url.clone();
-        tokio::spawn(async move {
-            let db = TestDb {
-                name: String::new(),
-                url,
-            };
-            insert_steadily(&db, "max", 60, 5).await
-        })
-    };
+    let producer = tokio::spawn(insert_steadily(db.url.clone(), "max", 60, 5));
     db.wait_count_at_least("SELECT count(*) FROM walpush.deliveries", 40)
         .await;
     cluster.restart().await.expect("restart PostgreSQL");
