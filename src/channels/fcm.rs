@@ -479,7 +479,8 @@ mod tests {
     #[test]
     fn message_has_token_notification_string_data_and_android_options() {
         let payload = r#"{"title":"Hi","body":"there","data":{"n":1,"s":"x","o":{"a":true}},
-            "ttl":30,"fcm":{"android":{"priority":"normal"},"fcm_options":{"analytics_label":"l"}}}"#;
+            "ttl":30,"fcm":{"android":{"priority":"normal"},
+            "fcm_options":{"analytics_label":"l"}}}"#;
         let value: Value = serde_json::from_str(&render(&job(payload)).unwrap()).unwrap();
         let m = &value["message"];
         assert_eq!(m["token"], "fcm-token:APA91b");

@@ -163,6 +163,14 @@ const FIRST_REST: Duration = Duration::from_secs(1);
 const LONGEST_REST: Duration = Duration::from_secs(60);
 
 impl Resting {
+    /// Whether any destination rests (or rested and was not yet answered).
+    fn any(&self) -> bool {
+        self.until
+            .lock()
+            .map(|until| !until.is_empty())
+            .unwrap_or(false)
+    }
+
     fn remaining(&self, key: &(String, String)) -> Option<Duration> {
         let until = self.until.lock().ok()?;
         let (until, _) = until.get(key)?;
@@ -242,14 +250,21 @@ pub async fn dispatch(
     first_attempts: bool,
 ) -> Vec<Outcome> {
     let mut outcomes = vec![None; channel_of.len()];
-    let mut destinations = vec![(String::new(), String::new()); channel_of.len()];
+    // Destinations are only worked out while something rests or just went unreachable, so
+    // the common path parses no address twice.
+    let destination = |name: &str, channel: &Arc<dyn Channel>, job: &Job| {
+        (name.to_owned(), channel.destination(job))
+    };
     let mut groups: HashMap<&str, (Vec<usize>, Vec<Job>)> = HashMap::new();
     for (index, job) in jobs.into_iter().enumerate() {
         let name = &channel_of[index];
-        if let Some(channel) = registry.get(name) {
-            destinations[index] = (name.to_string(), channel.destination(&job));
-            let rest = registry.resting.remaining(&destinations[index]);
-            if let (true, Some(after)) = (first_attempts, rest) {
+        if let (true, Some(channel)) =
+            (first_attempts && registry.resting.any(), registry.get(name))
+        {
+            if let Some(after) = registry
+                .resting
+                .remaining(&destination(name, channel, &job))
+            {
                 outcomes[index] = Some(Outcome::Deferred {
                     reason: format!("{}: not attempted, destination unreachable", channel.kind()),
                     after,
@@ -268,12 +283,17 @@ pub async fn dispatch(
                 Some(channel) => channel.send(&jobs).await,
                 None => jobs.iter().map(|_| no_such_channel(name)).collect(),
             };
-            (indexes, results)
+            (name, indexes, jobs, results)
         });
-    for (indexes, results) in futures_util::future::join_all(sends).await {
-        for (index, outcome) in indexes.into_iter().zip(results) {
-            let destination = std::mem::take(&mut destinations[index]);
-            registry.resting.record(destination, &outcome);
+    for (name, indexes, jobs, results) in futures_util::future::join_all(sends).await {
+        let channel = registry.get(name);
+        for ((index, job), outcome) in indexes.into_iter().zip(&jobs).zip(results) {
+            let unreachable = matches!(outcome, Outcome::Unreachable { .. });
+            if let (true, Some(channel)) = (unreachable || registry.resting.any(), channel) {
+                registry
+                    .resting
+                    .record(destination(name, channel, job), &outcome);
+            }
             outcomes[index] = Some(outcome);
         }
     }

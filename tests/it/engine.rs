@@ -247,14 +247,7 @@ async fn a_410_deactivates_the_device_and_later_rows_skip_it() {
     db.wait_count("SELECT count(*) FROM walpush.deliveries", 2)
         .await;
     let second = db.insert(&[Row::new("gus", PAYLOAD)]).await;
-    db.wait_count(
-        &format!(
-            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}",
-            second[0]
-        ),
-        1,
-    )
-    .await;
+    db.wait_deliveries(second[0], 1).await;
     engine.stop().await;
 
     let (status, _, reason) = db.delivery(first[0], old).await;
@@ -394,14 +387,7 @@ async fn an_unreachable_destination_rests_instead_of_slowing_every_batch() {
     // The next row does not wait out another timeout: its delivery to the resting
     // destination is deferred without an attempt, the healthy device gets it at once.
     let second = db.insert(&[Row::new("pia", PAYLOAD)]).await;
-    db.wait_count(
-        &format!(
-            "SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {}",
-            second[0]
-        ),
-        2,
-    )
-    .await;
+    db.wait_deliveries(second[0], 2).await;
     engine.stop().await;
 
     let (status, attempts, reason) = db.delivery(second[0], stuck).await;

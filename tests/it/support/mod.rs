@@ -192,6 +192,12 @@ impl TestDb {
         }
     }
 
+    /// Waits until outbox row `outbox_id` has `count` ledger rows.
+    pub async fn wait_deliveries(&self, outbox_id: i64, count: i64) {
+        let sql = format!("SELECT count(*) FROM walpush.deliveries WHERE outbox_id = {outbox_id}");
+        self.wait_count(&sql, count).await;
+    }
+
     /// Polls `sql` (one bigint) until it is at least `floor`, for up to 60 s.
     pub async fn wait_count_at_least(&self, sql: &str, floor: i64) {
         let client = self.client().await;
